@@ -1,0 +1,92 @@
+"""``mdm-hf``: the command line for people who never open Python.
+
+Subcommands wrap the library (and the thin scripts in ``recipes/``):
+
+    mdm-hf distill  --config recipes/configs/flickr30k_clip_mdm_100.yaml [--field value ...]
+    mdm-hf experts  --config recipes/configs/experts_tiny.yaml [--field value ...]
+    mdm-hf evaluate --synthetic out/ --model_name_or_path ... --dataset_name ...
+    mdm-hf data emojicaps --output_dir emojicaps/
+    mdm-hf demo [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    """``--config file.yaml`` plus ``--field value`` overrides -> a dataclass instance (overrides win).
+
+    Uses ``transformers.HfArgumentParser`` so every field's ``metadata["help"]`` becomes ``--help`` text.
+    """
+    import yaml
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(cls, prog=prog)
+    parser.add_argument("--config", default=None, help="YAML file with field: value pairs (CLI flags override).")
+    if known.config:
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise SystemExit(f"{known.config}: unknown keys {unknown}. Valid keys: {sorted(fields)}")
+        parser.set_defaults(**values)
+    (config,) = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+    return config
+
+
+def _distill(argv: Sequence[str]) -> int:
+    from .config import MDMConfig
+    from .distill import MDMDistiller
+
+    config = parse_dataclass_args(MDMConfig, argv, prog="mdm-hf distill")
+    synthetic = MDMDistiller(config).distill()
+    out = f"{config.output_dir}/synthetic"
+    synthetic.save_pretrained(out, overwrite=True)
+    print(f"Synthetic set ({len(synthetic)} pairs) written to {out}; load it with load_dataset('{out}').")
+    if config.push_to_hub:
+        url = synthetic.push_to_hub(config.hub_dataset_id, private=config.hub_private, local_dir=out)
+        print(f"Pushed to {url}")
+    return 0
+
+
+COMMANDS = {
+    "distill": (_distill, "Distill a dataset into synthetic pairs with MDM."),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mdm-hf`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="mdm-hf",
+        description="Multimodal Distribution Matching: distill image-caption datasets into a few hundred "
+        "synthetic pairs and share them on the Hugging Face Hub.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] not in COMMANDS:
+        parser.print_usage()
+        print(f"mdm-hf: unknown command '{argv[0]}'. Choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return COMMANDS[argv[0]][0](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Configuration of an MDM distillation run (MDM.md §4 reference defaults), YAML- and HfArgumentParser-friendly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class MDMConfig:
+    """Everything that defines an MDM run. Field help doubles as ``--help`` text of ``recipes/distill.py``.
+
+    Defaults follow the paper's reference run (MDM.md §4) where it states one; ``lr_pixels``/``lr_text`` use the
+    reference's library default (100; its run script uses 1000).
+    """
+
+    # ---- teacher
+    model_name_or_path: str = _f(
+        "openai/clip-vit-base-patch32", "Hub id or local dir of the anchor dual encoder (CLIP / SigLIP / VTDE)."
+    )
+    model_revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
+    text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub (off by default).")
+    expert_bank: str | None = _f(None, "Hub id or dir of the expert bank; None: the anchor alone is the teacher.")
+    expert_bank_revision: str | None = _f(None, "Revision of the expert bank on the Hub.")
+    experts_per_teacher: int = _f(2, "k: expert checkpoints merged into each mixed teacher (paper: 2).")
+    max_start_epoch: int | None = _f(None, "Experts are drawn at a random epoch in [1, max_start_epoch] (None: all).")
+    merge_alpha: float = _f(0.5, "Scale of the Model Stock offset (1.0 = Model Stock; reference script: 0.5).")
+    teacher_mode: str = _f(
+        "fresh", "fresh: a new mixed teacher every iteration (paper). pooled: reuse a pool of teachers whose "
+        "real-side embeddings are computed once (faster)."
+    )
+    teacher_pool_size: int = _f(8, "Number of mixed teachers in the pool (teacher_mode=pooled).")
+    pool_real_size: int | None = _f(
+        None, "Real pairs whose embeddings each pooled teacher caches (None: all pairs of the train split)."
+    )
+
+    # ---- data
+    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
+    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
+    train_split: str = _f("train", "Split that is distilled.")
+    validation_split: str | None = _f("validation", "Split used for model selection (never test).")
+    image_column: str | None = _f(None, "Image column (auto-detected when None).")
+    caption_column: str | None = _f(None, "Caption column: a string or a list of strings (auto-detected).")
+    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
+    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
+    max_cached_images: int = _f(20000, "Preprocess all real images once when the split has at most this many.")
+    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
+
+    # ---- synthetic set
+    num_pairs: int = _f(100, "K: number of synthetic image-text pairs (the budget).")
+    init: str = _f("kmeans", "Initialisation: kmeans (joint space, MDM §1) | random | herding | kcenter.")
+
+    # ---- optimisation (MDM.md §4)
+    max_steps: int = _f(3000, "Distillation iterations.")
+    real_batch_size: int = _f(256, "Real pairs per iteration (global, split across processes).")
+    syn_batch_size: int = _f(64, "Synthetic pairs per iteration.")
+    optimizer: str = _f("sgd", "sgd (momentum) | adam.")
+    lr_pixels: float = _f(100.0, "Learning rate of the synthetic pixels.")
+    lr_text: float = _f(100.0, "Learning rate of the synthetic text features.")
+    momentum: float = _f(0.5, "SGD momentum.")
+    adam_beta1: float = _f(0.5, "Adam beta1 (optimizer=adam).")
+    adam_beta2: float = _f(0.999, "Adam beta2 (optimizer=adam).")
+    max_grad_norm: float | None = _f(1.0, "Clip the joint gradient norm of pixels and text features.")
+
+    # ---- loss (MDM.md §3)
+    lambda_contrastive: float = _f(1.0, "Weight of the symmetric InfoNCE (or sigmoid) loss on synthetic pairs.")
+    lambda_agreement: float = _f(0.8, "Weight of GKE between real and synthetic agreement directions.")
+    lambda_discrepancy: float = _f(0.8, "Weight of GKE between real and synthetic discrepancy directions.")
+    sigma: float = _f(0.5, "Bandwidth of the geodesic Gaussian kernel (radians).")
+    temperature: float | None = _f(0.07, "InfoNCE temperature; None: the teacher's own logit scale.")
+    contrastive: str = _f("auto", "auto (from the teacher) | clip (softmax InfoNCE) | siglip (sigmoid).")
+
+    # ---- evaluation, checkpoints, logging
+    eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
+    early_stopping_patience: int | None = _f(None, "Stop after N evaluations without improvement.")
+    save_steps: int = _f(100, "Checkpoint every N iterations (0: only at the end).")
+    save_total_limit: int | None = _f(2, "Keep at most N checkpoints (oldest removed).")
+    output_dir: str = _f("out", "Where checkpoints and the synthetic set are written.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint dir, or 'latest' to resume from output_dir.")
+    logging_steps: int = _f(10, "Log losses, merge ratios, grad norms and timings every N iterations.")
+    report_to: str = _f("none", "Tracker for accelerate: none | tensorboard | trackio | wandb | all.")
+    seed: int = _f(0, "Seed of initialisation, teacher draws, batch sampling.")
+    num_workers: int = _f(0, "DataLoader workers for real images that are not cached.")
+    push_to_hub: bool = _f(False, "Push the synthetic set to the Hub at the end (needs hub_dataset_id).")
+    hub_dataset_id: str | None = _f(None, "namespace/name of the dataset repo to push to.")
+    hub_private: bool | None = _f(None, "Create the Hub repo as private.")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_pairs": self.num_pairs > 0,
+            "max_steps": self.max_steps >= 0,
+            "real_batch_size": self.real_batch_size > 0,
+            "syn_batch_size": self.syn_batch_size > 0,
+            "experts_per_teacher": self.experts_per_teacher >= 1,
+            "teacher_pool_size": self.teacher_pool_size >= 1,
+            "sigma": self.sigma > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"Invalid MDMConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        choices = {
+            "teacher_mode": ("fresh", "pooled"),
+            "optimizer": ("sgd", "adam"),
+            "init": ("kmeans", "random", "herding", "kcenter"),
+            "contrastive": ("auto", "clip", "siglip"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"MDMConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON/YAML-safe). Never holds a token: there is no token field by design."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MDMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown MDMConfig keys: {unknown}. Valid keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> MDMConfig:
+        """Load a YAML file (flat mapping of field -> value); keyword overrides win."""
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))

@@ -1,0 +1,564 @@
+"""MDMDistiller: the distillation loop of MDM (arXiv 2605.23482, §4 of MDM.md) on ``accelerate``.
+
+Per iteration:
+
+1. a mixed teacher -- ``k`` expert checkpoints merged by Model Stock interpolation (:mod:`mdm_hf.merge`) -- is
+   installed into the anchor in place (``teacher_mode="fresh"``), or one of a fixed pool of mixed teachers whose
+   real-side embeddings were computed once is reused (``teacher_mode="pooled"``);
+2. a real batch is embedded without gradient (each process embeds its shard, then all are gathered, so every
+   process sees the same global real batch);
+3. a synthetic mini-batch ``(x~, e~)`` is embedded with gradient and the hypersphere matching loss
+   (:class:`mdm_hf.losses.MDMLoss`) is minimised w.r.t. the synthetic pixels and text features only.
+
+Every process holds the same synthetic tensors and draws the same synthetic mini-batch and teacher, so the loss
+and its gradients are identical on all ranks; no gradient all-reduce is needed and the synthetic state never
+diverges. Checkpoints hold everything needed to continue bit-for-bit (tensors, optimiser state, RNG state, step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import MDMConfig
+from .data import ImageCaptionSplit, cached_text_features, load_image_caption_dataset, preprocess_split_images
+from .models import DualEncoder
+
+logger = logging.getLogger(__name__)
+
+ValidationFn = Callable[["object", int], dict]  # (SyntheticSet, step) -> metrics with a "mean" key
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients became NaN / inf; the last good state was saved before raising."""
+
+
+@dataclass
+class StepTimings:
+    """Seconds spent in each part of one iteration (for the cost benchmark)."""
+
+    merge: float = 0.0
+    real: float = 0.0
+    synthetic: float = 0.0
+    loss: float = 0.0
+    backward: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class DistillState:
+    """What changes during the run besides the tensors: kept in ``trainer_state.json``."""
+
+    step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    history: list = field(default_factory=list)
+
+
+@contextmanager
+def _timer(timings: StepTimings, name: str):
+    start = time.perf_counter()
+    yield
+    setattr(timings, name, getattr(timings, name) + time.perf_counter() - start)
+
+
+class MDMDistiller:
+    """Distill an image-caption dataset into ``config.num_pairs`` synthetic pairs with MDM.
+
+    Args:
+        config: the run's :class:`~mdm_hf.config.MDMConfig`.
+        validation_fn: called as ``validation_fn(synthetic_set, step)`` every ``eval_steps``; returns metrics with a
+            ``"mean"`` entry (higher is better) used for early stopping and keeping the best state. It must score on
+            a validation split, never test (:func:`mdm_hf.evaluation.student_validation_fn` builds one).
+        accelerator: an ``accelerate.Accelerator``; one is built from the config when omitted.
+        teacher / expert_bank / train_data: pre-loaded pieces (tests, benchmarks); loaded from the config if None.
+    """
+
+    def __init__(
+        self,
+        config: MDMConfig,
+        validation_fn: ValidationFn | None = None,
+        accelerator=None,
+        teacher: DualEncoder | None = None,
+        expert_bank=None,
+        train_data: ImageCaptionSplit | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.validation_fn = validation_fn
+        log_with = None if config.report_to in ("none", "", None) else config.report_to
+        self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.output_dir)
+        self.teacher = teacher
+        self.expert_bank = expert_bank
+        self.train_data = train_data
+        self.state = DistillState()
+        self.timings: list[StepTimings] = []
+        self._set_up = False
+
+    # ================================================================== set-up
+    def setup(self) -> None:
+        """Load teacher, data, cached text features and experts; everything the loop needs."""
+        if self._set_up:
+            return
+        cfg, acc = self.config, self.accelerator
+        if self.teacher is None:
+            self.teacher = DualEncoder.from_pretrained(
+                cfg.model_name_or_path, cfg.model_revision, cfg.text_pooling, cfg.trust_remote_code
+            )
+        self.teacher.to(acc.device).eval()
+        self.teacher.requires_grad_(False)  # only the synthetic tensors are optimised
+        if self.train_data is None:
+            self.train_data = load_image_caption_dataset(
+                cfg.dataset_name,
+                cfg.train_split,
+                revision=cfg.dataset_revision,
+                image_column=cfg.image_column,
+                caption_column=cfg.caption_column,
+                split_column=cfg.split_column,
+                max_images=cfg.max_train_images,
+            )
+        data = self.train_data
+        if cfg.num_pairs > data.num_captions:
+            raise ValueError(
+                f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
+                f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
+            )
+        with acc.main_process_first():  # rank 0 fills the cache, the others read it
+            self.text_features = cached_text_features(self.teacher, data, cfg.cache_dir, progress=acc.is_main_process)
+        self.pixel_cache = None
+        if data.num_images <= cfg.max_cached_images:
+            self.pixel_cache = preprocess_split_images(self.teacher, data)
+        if self.expert_bank is None and cfg.expert_bank is not None:
+            from .experts import load_expert_bank
+
+            self.expert_bank = load_expert_bank(cfg.expert_bank, self.teacher, revision=cfg.expert_bank_revision)
+        contrastive = self.teacher.contrastive_loss_type if cfg.contrastive == "auto" else cfg.contrastive
+        from .losses import MDMLoss
+
+        self.loss_fn = MDMLoss(
+            lambda_contrastive=cfg.lambda_contrastive,
+            lambda_agreement=cfg.lambda_agreement,
+            lambda_discrepancy=cfg.lambda_discrepancy,
+            sigma=cfg.sigma,
+            temperature=cfg.temperature,
+            contrastive=contrastive,
+        )
+        self._set_up = True
+
+    # ================================================================== real side
+    def real_pixels(self, caption_indices: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels of the images of the given real pairs."""
+        image_idx = self.train_data.caption_to_image[caption_indices.cpu()]
+        if self.pixel_cache is not None:
+            pixels = self.pixel_cache[image_idx]
+        else:
+            pixels = self.teacher.preprocess_images(self.train_data.images(image_idx.tolist()))
+        return pixels.to(self.accelerator.device)
+
+    @torch.no_grad()
+    def embed_real(self, caption_indices: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_v, z_t)`` of real pairs under the currently installed teacher."""
+        zv, zt = [], []
+        for chunk in caption_indices.split(batch_size):
+            zv.append(self.teacher.image_embeds(self.real_pixels(chunk)))
+            zt.append(self.teacher.project_text(self.text_features[chunk.cpu()].to(self.accelerator.device)))
+        return torch.cat(zv), torch.cat(zt)
+
+    @torch.no_grad()
+    def embed_all_pairs(self, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of every real pair, images embedded once each (per-image, then expanded to pairs)."""
+        data, dev = self.train_data, self.accelerator.device
+        image_embeds = []
+        for start in range(0, data.num_images, batch_size):
+            idx = torch.arange(start, min(start + batch_size, data.num_images))
+            pixels = self.pixel_cache[idx] if self.pixel_cache is not None else None
+            if pixels is None:
+                pixels = self.teacher.preprocess_images(data.images(idx.tolist()))
+            image_embeds.append(self.teacher.image_embeds(pixels.to(dev)).cpu())
+        zv = torch.cat(image_embeds)[data.caption_to_image]
+        zt = torch.cat(
+            [self.teacher.project_text(c.to(dev)).cpu() for c in self.text_features.split(batch_size)]
+        )
+        return zv, zt
+
+    # ================================================================== teachers
+    def _draw_teacher(self, generator: torch.Generator) -> dict:
+        """Install a fresh mixed teacher (no-op without an expert bank). Returns merge info for logging."""
+        if self.expert_bank is None:
+            return {}
+        return self.expert_bank.draw(
+            self.teacher.model,
+            generator,
+            k=self.config.experts_per_teacher,
+            max_start_epoch=self.config.max_start_epoch,
+            alpha=self.config.merge_alpha,
+        )
+
+    def _build_pool(self) -> None:
+        """Pooled mode: P mixed teachers, their merged tensors and the embeddings of (a subset of) real pairs."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed + 7919)  # independent of the loop's generator: resumable
+        n = self.train_data.num_captions
+        subset = torch.arange(n)
+        if cfg.pool_real_size is not None and cfg.pool_real_size < n:
+            subset = torch.randperm(n, generator=gen)[: cfg.pool_real_size].sort().values
+        self.pool_subset = subset
+        self.pool = []
+        for _ in range(cfg.teacher_pool_size if self.expert_bank is not None else 1):
+            state = None
+            if self.expert_bank is not None:
+                draws = self.expert_bank.sample(gen, cfg.experts_per_teacher, cfg.max_start_epoch)
+                state, ratios = self.expert_bank.merged_state(draws, alpha=cfg.merge_alpha)
+                self.expert_bank.install(self.teacher.model, state)
+            zv, zt = self.embed_real(subset)
+            self.pool.append({"state": state, "zv": zv.cpu(), "zt": zt.cpu()})
+
+    # ================================================================== initialisation (MDM §1)
+    def initialize(self) -> torch.Tensor:
+        """Choose ``num_pairs`` real pairs (joint-space k-means by default) and set ``x~, e~`` from them."""
+        from .selection import joint_features, select_pairs
+
+        cfg = self.config
+        self.setup()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self._draw_teacher(gen)  # embed with a mixed teacher, as the loop will see the data
+        if cfg.init == "random":
+            chosen = select_pairs("random", torch.zeros(self.train_data.num_captions, 1), cfg.num_pairs, cfg.seed)
+        else:
+            zv, zt = self.embed_all_pairs()
+            chosen = select_pairs(cfg.init, joint_features(zv, zt), cfg.num_pairs, cfg.seed)
+        chosen = chosen.cpu().long()
+        self.source_indices = chosen
+        self.syn_pixels = self.real_pixels(chosen).detach().clone().requires_grad_(True)
+        self.syn_text = self.text_features[chosen].to(self.accelerator.device).clone().requires_grad_(True)
+        self._build_optimizer()
+        return chosen
+
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        groups = [{"params": [self.syn_pixels], "lr": cfg.lr_pixels}, {"params": [self.syn_text], "lr": cfg.lr_text}]
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, momentum=cfg.momentum)
+        else:
+            self.optimizer = torch.optim.Adam(groups, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+    # ================================================================== one iteration
+    def _real_batch(self, gen: torch.Generator, timings: StepTimings, pool_entry: dict | None):
+        """The global real batch's embeddings; each process embeds its contiguous shard, then all are gathered."""
+        acc, cfg = self.accelerator, self.config
+        n = len(self.pool_subset) if pool_entry is not None else self.train_data.num_captions
+        batch = torch.randint(0, n, (cfg.real_batch_size,), generator=gen)
+        with _timer(timings, "real"):
+            if pool_entry is not None:  # cached: the real side costs an index lookup, whatever the set size
+                dev = acc.device
+                return pool_entry["zv"][batch].to(dev), pool_entry["zt"][batch].to(dev)
+            shard = batch.chunk(acc.num_processes)[acc.process_index] if acc.num_processes > 1 else batch
+            zv, zt = self.embed_real(shard)
+            if acc.num_processes > 1:
+                zv, zt = acc.gather(zv), acc.gather(zt)
+            return zv, zt
+
+    def training_step(self, gen: torch.Generator) -> tuple[dict, StepTimings]:
+        """One MDM iteration: mixed teacher, real batch, synthetic mini-batch, loss, clipped update."""
+        cfg = self.config
+        timings = StepTimings()
+        start = time.perf_counter()
+        info: dict = {}
+        pool_entry = None
+        with _timer(timings, "merge"):
+            if cfg.teacher_mode == "pooled":
+                pool_entry = self.pool[int(torch.randint(0, len(self.pool), (1,), generator=gen))]
+                if pool_entry["state"] is not None:
+                    self.expert_bank.install(self.teacher.model, pool_entry["state"])
+            else:
+                info = self._draw_teacher(gen)
+        real_zv, real_zt = self._real_batch(gen, timings, pool_entry)
+        syn_idx = torch.randperm(cfg.num_pairs, generator=gen)[: min(cfg.syn_batch_size, cfg.num_pairs)]
+        syn_idx = syn_idx.to(self.syn_pixels.device)
+        with _timer(timings, "synthetic"):
+            syn_zv = self.teacher.image_embeds(self.syn_pixels[syn_idx])
+            syn_zt = self.teacher.project_text(self.syn_text[syn_idx])
+        with _timer(timings, "loss"):
+            out = self.loss_fn(
+                real_zv, real_zt, syn_zv, syn_zt, logit_scale=self.teacher.logit_scale, logit_bias=self.teacher.logit_bias
+            )
+        if not torch.isfinite(out.loss):
+            self._fail_non_finite("loss", out)
+        with _timer(timings, "backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            params = [self.syn_pixels, self.syn_text]
+            if cfg.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            if not torch.isfinite(grad_norm):
+                self._fail_non_finite("gradient norm", out)
+            self.optimizer.step()
+        timings.total = time.perf_counter() - start
+        logs = {
+            "loss": out.loss.item(),
+            "loss/contrastive": float(out.contrastive),
+            "loss/agreement": float(out.agreement),
+            "loss/discrepancy": float(out.discrepancy),
+            "grad_norm": float(grad_norm),
+            "time/iteration": timings.total,
+        }
+        if "mean_t" in info:
+            logs["merge/mean_t"] = info["mean_t"]
+        return logs, timings
+
+    def _fail_non_finite(self, what: str, out) -> None:
+        path = self.save_checkpoint(self._generator)  # the tensors are still the last good ones: nothing stepped
+        raise NonFiniteLossError(
+            f"The {what} became non-finite at step {self.state.step} (loss={out.loss.item()}, contrastive="
+            f"{float(out.contrastive)}, agreement={float(out.agreement)}, discrepancy={float(out.discrepancy)}). "
+            f"The last good state is saved in {path}. Lower lr_pixels / lr_text, keep max_grad_norm set, or check "
+            "the teacher and data for NaNs; resume with --resume_from_checkpoint."
+        )
+
+    # ================================================================== the loop
+    def distill(self):
+        """Run the whole distillation and return the best :class:`~mdm_hf.synthetic.SyntheticSet`."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        self._prepare_output_dir()
+        self.setup()
+        resume = self._resolve_resume()
+        self.initialize()
+        self._generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if cfg.teacher_mode == "pooled":
+            self._build_pool()
+        if acc.is_main_process:
+            cfg.save(Path(cfg.output_dir) / "mdm_config.json")
+        if cfg.report_to not in ("none", "", None):
+            acc.init_trackers("mdm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="MDM", disable=not acc.is_main_process)
+        stop = False
+        while self.state.step < cfg.max_steps and not stop:
+            logs, timings = self.training_step(self._generator)
+            self.state.step += 1
+            self.timings.append(timings)
+            bar.update(1)
+            step = self.state.step
+            if cfg.logging_steps and step % cfg.logging_steps == 0:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                acc.log(logs, step=step)
+            if self.validation_fn is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                stop = self._evaluate(step)
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                self.save_checkpoint(self._generator)
+        bar.close()
+        if self.validation_fn is None:
+            self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
+        self.save_checkpoint(self._generator)
+        if cfg.report_to not in ("none", "", None):
+            acc.end_training()
+        return self.synthetic_set(*self._best)
+
+    def _evaluate(self, step: int) -> bool:
+        """Validation hook + early stopping; returns True when training should stop."""
+        cfg = self.config
+        metrics = self.validation_fn(self.synthetic_set(self.syn_pixels.detach().cpu(), self.syn_text.detach().cpu()), step)
+        score = float(metrics["mean"])
+        self.state.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if self.state.best_score is None or score > self.state.best_score:
+            self.state.best_score, self.state.best_step = score, step
+            self.state.evals_without_improvement = 0
+            self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
+        else:
+            self.state.evals_without_improvement += 1
+        patience = cfg.early_stopping_patience
+        return patience is not None and self.state.evals_without_improvement >= patience
+
+    # ================================================================== output
+    @torch.no_grad()
+    def synthetic_set(self, pixels: torch.Tensor, text: torch.Tensor, num_captions: int = 3):
+        """Wrap tensors as a :class:`~mdm_hf.synthetic.SyntheticSet` with nearest real captions and provenance."""
+        from .synthetic import SyntheticSet
+
+        sims = F.normalize(text.float(), dim=-1) @ F.normalize(self.text_features.float(), dim=-1).T
+        nearest = sims.topk(min(num_captions, sims.shape[1]), dim=1).indices
+        data = self.train_data
+        return SyntheticSet(
+            pixel_values=pixels.float().cpu().contiguous(),
+            text_features=text.float().cpu().contiguous(),
+            image_mean=self.teacher.image_mean,
+            image_std=self.teacher.image_std,
+            captions=[[data.captions[j] for j in row.tolist()] for row in nearest],
+            source_indices=self.source_indices.tolist(),
+            source_image_indices=data.caption_to_image[self.source_indices].tolist(),
+            provenance=self.provenance(),
+        )
+
+    def provenance(self) -> dict:
+        """Where the set came from: ids and revisions, the full config, library versions."""
+        import accelerate
+        import datasets
+        import transformers
+
+        from . import __version__
+
+        cfg = self.config
+        return {
+            "method": "MDM",
+            "teacher": cfg.model_name_or_path,
+            "teacher_revision": cfg.model_revision,
+            "teacher_family": self.teacher.family,
+            "text_encoder": cfg.model_name_or_path,
+            "text_pooling": self.teacher.text_pooling,
+            "expert_bank": cfg.expert_bank,
+            "expert_bank_revision": cfg.expert_bank_revision,
+            "source_dataset": self.train_data.name,
+            "source_dataset_revision": cfg.dataset_revision,
+            "source_split": self.train_data.split,
+            "source_fingerprint": self.train_data.fingerprint,
+            "license": self.train_data.license,
+            "selection": cfg.init,
+            "best_step": self.state.best_step,
+            "steps": self.state.step,
+            "config": cfg.to_dict(),
+            "versions": {
+                "mdm_hf": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "datasets": datasets.__version__,
+                "accelerate": accelerate.__version__,
+            },
+        }
+
+    # ================================================================== checkpoints
+    def _prepare_output_dir(self) -> None:
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        if out.exists() and any(out.iterdir()) and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir '{out}' is not empty. Resume with --resume_from_checkpoint latest, pass "
+                "--overwrite_output_dir to start over in it, or choose another --output_dir."
+            )
+        out.mkdir(parents=True, exist_ok=True)
+
+    def _resolve_resume(self) -> Path | None:
+        spec = self.config.resume_from_checkpoint
+        if not spec:
+            return None
+        if spec == "latest":
+            found = sorted(
+                Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1])
+            )
+            if not found:
+                logger.warning("No checkpoint in %s; starting from scratch.", self.config.output_dir)
+                return None
+            return found[-1]
+        path = Path(spec)
+        if not (path / "synthetic.safetensors").exists():
+            raise FileNotFoundError(f"'{path}' is not an MDM checkpoint (no synthetic.safetensors).")
+        return path
+
+    def save_checkpoint(self, generator: torch.Generator) -> Path:
+        """Write ``checkpoint-<step>/``: tensors, best tensors, optimiser state, RNG state (safetensors) + JSON."""
+        from safetensors.torch import save_file
+
+        acc, cfg = self.accelerator, self.config
+        path = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.step}"
+        if acc.is_main_process:
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(
+                {
+                    "pixel_values": self.syn_pixels.detach().cpu().contiguous(),
+                    "text_features": self.syn_text.detach().cpu().contiguous(),
+                    "best_pixel_values": self._best[0].contiguous(),
+                    "best_text_features": self._best[1].contiguous(),
+                    "source_indices": self.source_indices.contiguous(),
+                    "rng_state": generator.get_state(),
+                },
+                str(tmp / "synthetic.safetensors"),
+            )
+            opt_tensors, opt_meta = _flatten_optimizer_state(self.optimizer.state_dict())
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            state = {**self.state.__dict__, "optimizer": opt_meta, "config": cfg.to_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)  # a crash mid-write never corrupts the previous checkpoint
+            self._rotate_checkpoints(keep=path)
+        acc.wait_for_everyone()
+        return path
+
+    def _rotate_checkpoints(self, keep: Path) -> None:
+        limit = self.config.save_total_limit
+        if not limit:
+            return
+        found = sorted(
+            (p for p in Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in found[:-limit]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore tensors, optimiser, RNG and loop state from ``path`` (must follow :meth:`initialize`)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        tensors = load_file(str(path / "synthetic.safetensors"))
+        state = json.loads((path / "trainer_state.json").read_text())
+        if tensors["pixel_values"].shape != self.syn_pixels.shape or tensors["text_features"].shape != self.syn_text.shape:
+            raise ValueError(
+                f"Checkpoint {path} holds tensors of shape {tuple(tensors['pixel_values'].shape)} / "
+                f"{tuple(tensors['text_features'].shape)}, but this run expects {tuple(self.syn_pixels.shape)} / "
+                f"{tuple(self.syn_text.shape)}. Resume with the config the checkpoint was made with."
+            )
+        with torch.no_grad():
+            self.syn_pixels.copy_(tensors["pixel_values"])
+            self.syn_text.copy_(tensors["text_features"])
+        self.source_indices = tensors["source_indices"].long()
+        self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
+        self._generator.set_state(tensors["rng_state"])
+        opt = _unflatten_optimizer_state(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+        self.optimizer.load_state_dict(opt)
+        state.pop("config", None)
+        self.state = DistillState(**state)
+        logger.info("Resumed from %s at step %d", path, self.state.step)
+
+
+def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state dict into safetensors-storable tensors and JSON metadata (no pickle)."""
+    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for pid, pstate in state_dict["state"].items():
+        meta["state"][str(pid)] = {}
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                meta["state"][str(pid)][key] = "__tensor__"
+            else:
+                meta["state"][str(pid)][key] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for pid, pstate in meta["state"].items():
+        state[int(pid)] = {k: tensors[f"{pid}.{k}"] if v == "__tensor__" else v for k, v in pstate.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
