@@ -52,6 +52,7 @@ class MDMConfig:
     image_column: str | None = _f(None, "Image column (auto-detected when None).")
     caption_column: str | None = _f(None, "Caption column: a string or a list of strings (auto-detected).")
     split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
+    image_root: str | None = _f(None, "Directory that relative image paths in the dataset are resolved against.")
     max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
     max_cached_images: int = _f(20000, "Preprocess all real images once when the split has at most this many.")
     cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")

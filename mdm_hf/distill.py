@@ -128,6 +128,7 @@ class MDMDistiller:
                 image_column=cfg.image_column,
                 caption_column=cfg.caption_column,
                 split_column=cfg.split_column,
+                image_root=cfg.image_root,
                 max_images=cfg.max_train_images,
             )
         data = self.train_data
@@ -321,6 +322,20 @@ class MDMDistiller:
             logs["merge/mean_t"] = info["mean_t"]
         return logs, timings
 
+    @torch.no_grad()
+    def objective(self, real_indices: torch.Tensor) -> float:
+        """The MDM loss of the whole synthetic set against fixed real pairs under the installed teacher.
+
+        A deterministic yardstick (no sampling) for checking that distillation lowers the objective.
+        """
+        real_zv, real_zt = self.embed_real(real_indices)
+        syn_zv = self.teacher.image_embeds(self.syn_pixels)
+        syn_zt = self.teacher.project_text(self.syn_text)
+        out = self.loss_fn(
+            real_zv, real_zt, syn_zv, syn_zt, logit_scale=self.teacher.logit_scale, logit_bias=self.teacher.logit_bias
+        )
+        return float(out.loss)
+
     def _fail_non_finite(self, what: str, out) -> None:
         path = self.save_checkpoint(self._generator)  # the tensors are still the last good ones: nothing stepped
         raise NonFiniteLossError(
@@ -455,6 +470,7 @@ class MDMDistiller:
                 "--overwrite_output_dir to start over in it, or choose another --output_dir."
             )
         out.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()  # every rank has checked before any rank writes
 
     def _resolve_resume(self) -> Path | None:
         spec = self.config.resume_from_checkpoint

@@ -1,0 +1,129 @@
+"""MDMDistiller end to end on the tiny fixtures: objective goes down, resume is exact, DDP equals one process,
+NaN stops cleanly with a usable checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mdm_hf.config import MDMConfig
+from mdm_hf.distill import MDMDistiller, NonFiniteLossError
+
+
+def tiny_config(model_dir: str, dataset_dir: str, output_dir: Path, **overrides) -> MDMConfig:
+    values = dict(
+        model_name_or_path=model_dir,
+        dataset_name=dataset_dir,
+        num_pairs=8,
+        max_steps=20,
+        real_batch_size=16,
+        syn_batch_size=8,
+        lr_pixels=10.0,
+        lr_text=10.0,
+        eval_steps=0,
+        save_steps=10,
+        logging_steps=5,
+        output_dir=str(output_dir),
+        cache_dir=str(output_dir.parent / "cache"),
+        seed=0,
+    )
+    values.update(overrides)
+    return MDMConfig(**values)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_distillation_lowers_the_objective(family, tiny_model_dirs, tiny_dataset_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dirs[family], tiny_dataset_dir, tmp_path / "out")
+    distiller = MDMDistiller(cfg)
+    distiller.setup()
+    distiller.initialize()
+    fixed_real = torch.arange(distiller.train_data.num_captions)
+    before = distiller.objective(fixed_real)
+    synthetic = distiller.distill()
+    distiller.teacher.model.eval()
+    distiller.syn_pixels.data.copy_(synthetic.pixel_values)
+    distiller.syn_text.data.copy_(synthetic.text_features)
+    after = distiller.objective(fixed_real)
+    assert after < before, (family, before, after)
+    assert len(synthetic) == 8
+    assert synthetic.pixel_values.shape == (8, 3, 32, 32)
+    assert torch.isfinite(synthetic.pixel_values).all()
+    # each synthetic pair started from a distinct real pair and names its nearest real captions
+    assert len(set(synthetic.source_indices)) == 8
+    assert all(caps for caps in synthetic.captions)
+
+
+def test_resume_equals_uninterrupted_run(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    straight = MDMDistiller(tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "a")).distill()
+
+    first = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "b", max_steps=10)
+    MDMDistiller(first).distill()
+    resumed_cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "b", resume_from_checkpoint="latest")
+    resumed = MDMDistiller(resumed_cfg).distill()
+
+    assert torch.equal(straight.pixel_values, resumed.pixel_values)
+    assert torch.equal(straight.text_features, resumed.text_features)
+    state = json.loads((tmp_path / "b" / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["step"] == 20
+
+
+def test_output_dir_is_never_overwritten_silently(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        MDMDistiller(tiny_config(tiny_clip_dir, tiny_dataset_dir, out)).distill()
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_budget_larger_than_dataset_is_refused(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", num_pairs=10_000)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        MDMDistiller(cfg).distill()
+
+
+def test_nan_loss_saves_last_good_state_and_explains(tiny_clip_dir, tiny_dataset_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", save_steps=0)
+    distiller = MDMDistiller(cfg)
+    distiller.setup()
+    real_loss = distiller.loss_fn.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(distiller.loss_fn, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="last good state is saved"):
+        distiller.distill()
+    ckpt = tmp_path / "out" / "checkpoint-5"
+    tensors = load_file(str(ckpt / "synthetic.safetensors"))
+    assert torch.isfinite(tensors["pixel_values"]).all()
+    assert torch.equal(tensors["pixel_values"], distiller.syn_pixels.detach())
+    # the saved state is usable: a resumed run (without the poison) continues from step 5
+    resumed = MDMDistiller(
+        tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", save_steps=0, resume_from_checkpoint=str(ckpt))
+    )
+    synthetic = resumed.distill()
+    assert resumed.state.step == 20 and torch.isfinite(synthetic.pixel_values).all()
+
+
+def test_validation_hook_keeps_best_state_and_stops_early(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    scores = iter([5.0, 9.0, 7.0, 6.0, 1.0, 1.0])
+    seen = []
+
+    def hook(synthetic, step):
+        seen.append((step, synthetic.pixel_values.clone()))
+        return {"mean": next(scores)}
+
+    cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", eval_steps=2, early_stopping_patience=2)
+    distiller = MDMDistiller(cfg, validation_fn=hook)
+    best = distiller.distill()
+    assert [s for s, _ in seen] == [2, 4, 6, 8]  # stopped after two evaluations without improvement
+    assert distiller.state.best_step == 4
+    assert torch.equal(best.pixel_values, seen[1][1])
