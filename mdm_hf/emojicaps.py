@@ -256,7 +256,7 @@ def _is_colourless(image: Image.Image) -> bool:
     px = np.asarray(image, dtype=np.int16)
     ink = px.min(axis=-1) < _INK_LEVEL
     chroma = px.max(axis=-1) - px.min(axis=-1)
-    return not ink.any() or (chroma[ink] > _CHROMA_LEVEL).mean() < _COLOURED_FRACTION
+    return bool(not ink.any() or (chroma[ink] > _CHROMA_LEVEL).mean() < _COLOURED_FRACTION)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -393,7 +393,7 @@ def build_emojicaps(
             raise ValueError(f"{problem}. Pass overwrite=True to rebuild it there, or choose another output_dir.")
         logger.info("EmojiCaps: %s; rebuilding (overwrite=True)", problem)
 
-    emoji, twemoji_dir, font_path = _sources()
+    _, twemoji_dir, font_path = _sources()
     concepts = list_emojicaps_concepts(max_concepts=max_concepts, seed=seed)
     splits = split_concepts(concepts, seed, pretrain_fraction, val_fraction)
     font = _load_font(font_path)  # one font object for every glyph
@@ -425,6 +425,7 @@ def build_emojicaps(
     split_styles = {"pretrain": STYLES, "train": ("twemoji",), "validation": ("openmoji",), "test": ("openmoji",)}
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished dataset is an ordinary directory
     try:
         (tmp / "data").mkdir()
         counts, files = {}, {}

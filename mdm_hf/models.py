@@ -55,6 +55,12 @@ def is_hub_offline() -> bool:
 
 def offline_hint(name_or_path: str, what: str) -> str:
     """The message shown when ``name_or_path`` is neither a local directory nor reachable on the Hub."""
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path:
+        # a Hub id is "name" or "owner/name"; anything else is a local path with a typo
+        return (
+            f"Could not load the {what} '{name_or_path}': that local path does not exist (and it is not a Hub id "
+            "of the form 'owner/name'). Check the path."
+        )
     return (
         f"Could not load the {what} '{name_or_path}': it is not a local directory and the Hugging Face Hub is "
         f"unreachable (offline={is_hub_offline()}). Download it once where the Hub is reachable "
@@ -213,7 +219,9 @@ class DualEncoder(nn.Module):
         """``e = E_t(c)`` from token ids: the pooled text output, before the projection."""
         if self.family == "siglip":
             # SigLIP's text model applies its head inside; take the state before it (last token, post-LN).
-            hidden = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # SigLIP was trained on max-length padded text WITHOUT a padding mask (big_vision; pad == eos in the
+            # released tokenizers), so the mask is deliberately not passed: with it the features would differ.
+            hidden = self.model.text_model(input_ids=input_ids).last_hidden_state
             return hidden[:, -1, :]
         out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
         if self.text_pooling == "mean":
