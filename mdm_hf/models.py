@@ -55,7 +55,7 @@ def is_hub_offline() -> bool:
 
 def offline_hint(name_or_path: str, what: str) -> str:
     """The message shown when ``name_or_path`` is neither a local directory nor reachable on the Hub."""
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path:
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
         # a Hub id is "name" or "owner/name"; anything else is a local path with a typo
         return (
             f"Could not load the {what} '{name_or_path}': that local path does not exist (and it is not a Hub id "

@@ -1,0 +1,864 @@
+"""Experts for MDM's mixed teacher: LoRA (or full) fine-tunes of one anchor, kept per epoch in an *expert bank*.
+
+MDM (arXiv 2605.23482, MDM.md §2) merges, per distillation iteration, k experts -- models fine-tuned independently
+(different seeds / data order) from the same pretrained anchor ``w0``, each kept at several epochs. Here an expert
+is a ``peft`` LoRA adapter on the **vision tower** with the projections trained in full (``modules_to_save``) and
+the text tower frozen, so a whole bank is megabytes instead of the peers' full-weight trajectory buffers.
+
+A bank on disk (and as a Hub model repo)::
+
+    <bank>/manifest.json                     format version, anchor id + revision + fingerprint, family, kind,
+                                             target modules, r / alpha, seeds, epochs, per-epoch loss and recall
+    <bank>/README.md                         model card (hub_cards/expert_bank_card.md)
+    <bank>/expert-<i>/epoch-<e>/             adapter_model.safetensors + adapter_config.json (kind "lora"), or
+                                             model.safetensors holding the trained tensors (kind "full")
+
+:func:`load_expert_bank` reads a bank with ``safetensors`` only (never pickle), checks it belongs to the given
+anchor and turns every checkpoint into anchor-relative offsets keyed by the anchor's parameter names: a LoRA layer
+becomes ``LowRankDelta(A, B, scale)`` with ``ΔW = scale · B · A`` and ``scale = lora_alpha / r`` (``/ sqrt(r)``
+with rsLoRA); a module trained in full becomes its dense difference ``w_i − w0``. Those are what
+:class:`mdm_hf.merge.ExpertBank` merges.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import DualEncoder, OfflineHubError, is_hub_offline
+
+logger = logging.getLogger(__name__)
+
+BANK_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CARD_TEMPLATE = "expert_bank_card"
+# Leaf names of the attention projections LoRA targets by default. peft ships no defaults for CLIP / SigLIP.
+ATTENTION_LEAVES = (("q_proj", "k_proj", "v_proj", "out_proj"), ("query", "key", "value"))
+PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip": ["text_model.head"]}
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# ============================================================================================== configuration
+@dataclass
+class ExpertTrainingConfig:
+    """How to fine-tune the experts of a bank. Field help doubles as ``--help`` of ``mdm-hf experts``.
+
+    LoRA goes on the vision tower's attention projections (``target_modules``, scoped to ``vision_model``'s encoder
+    layers), the projections are trained in full (``modules_to_save``), the text tower and the logit scale / bias
+    stay frozen, so the experts differ from the anchor exactly where MDM merges them.
+    """
+
+    # ---- anchor and data
+    model_name_or_path: str = _f("openai/clip-vit-base-patch32", "Hub id or local dir of the anchor dual encoder.")
+    revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
+    text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub.")
+    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
+    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
+    train_split: str = _f("train", "Split the experts are fine-tuned on.")
+    validation_split: str | None = _f("validation", "Split for the per-epoch recall in the manifest (None: skip).")
+    image_column: str | None = _f(None, "Image column (auto-detected when None).")
+    caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
+    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy).")
+    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
+    max_validation_images: int | None = _f(1000, "Score recall on at most N validation images.")
+    max_cached_images: int = _f(20000, "Preprocess all images once when the split has at most this many.")
+    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
+
+    # ---- experts
+    num_experts: int = _f(4, "N: independently fine-tuned experts (MDM needs N >= 2 or several epochs).")
+    seeds: list[int] | None = _f(None, "One seed per expert (LoRA init + data order); None: seed, seed+1, ...")
+    seed: int = _f(0, "First seed when seeds is None.")
+    num_epochs: int = _f(5, "Epochs per expert; an adapter is saved at the end of every epoch.")
+    full_finetune: bool = _f(False, "Train the whole vision tower + projections instead of LoRA (kind 'full').")
+
+    # ---- LoRA
+    lora_r: int = _f(16, "LoRA rank r.")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is (alpha / r) * B @ A.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale alpha / sqrt(r).")
+    target_modules: list[str] | None = _f(
+        None,
+        "Leaf names of vision-tower Linear layers that get LoRA (scoped to vision_model encoder layers). None: the "
+        "attention projections (q_proj k_proj v_proj out_proj for CLIP/SigLIP; query key value for ViT). Add "
+        "fc1 fc2 for the MLPs.",
+    )
+    modules_to_save: list[str] | None = _f(
+        None, "Modules trained in full. None: the projections (visual_projection text_projection; SigLIP: "
+        "text_model.head)."
+    )
+
+    # ---- optimisation
+    learning_rate: float = _f(1e-4, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    lr_scheduler_type: str = _f("constant", "transformers scheduler name: constant | cosine | linear | ...")
+    warmup_ratio: float = _f(0.0, "Fraction of each expert's steps used for linear warm-up.")
+    per_device_train_batch_size: int = _f(64, "Images per batch and process (one caption each).")
+    max_grad_norm: float | None = _f(1.0, "Clip the gradient norm (None: no clipping).")
+    num_workers: int = _f(0, "DataLoader workers for images that are not cached.")
+
+    # ---- output
+    output_dir: str = _f("expert_bank", "Directory of the bank.")
+    overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
+    push_to_hub: bool = _f(False, "Push the bank to the Hub at the end (needs hub_model_id).")
+    hub_model_id: str | None = _f(None, "namespace/name of the model repo to push the bank to.")
+    hub_private: bool | None = _f(None, "Create the Hub repo as private.")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_experts": self.num_experts >= 1,
+            "num_epochs": self.num_epochs >= 1,
+            "lora_r": self.lora_r >= 1,
+            "lora_alpha": self.lora_alpha > 0,
+            "learning_rate": self.learning_rate > 0,
+            "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
+            "lora_dropout": 0.0 <= self.lora_dropout < 1.0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"Invalid ExpertTrainingConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if self.seeds is not None and len(self.seeds) != self.num_experts:
+            raise ValueError(
+                f"seeds has {len(self.seeds)} entries but num_experts={self.num_experts}: give one seed per expert "
+                "or leave seeds unset (then seed, seed+1, ... are used)."
+            )
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub=True needs hub_model_id (namespace/name of the model repo).")
+
+    @property
+    def expert_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else [self.seed + i for i in range(self.num_experts)]
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.full_finetune else "lora"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ============================================================================================== anchor identity
+def anchor_fingerprint(model: nn.Module) -> dict:
+    """Identity of an anchor's weights: a hash of names + shapes, a hash of the float32 values, per-tensor mean |w|.
+
+    The exact hash recognises the same checkpoint under another name (a local snapshot of a Hub id); the shape hash
+    and the per-tensor statistics (tolerant to loading in another dtype) tell *how* another anchor differs.
+    """
+    shapes, stats, values = [], {}, hashlib.sha256()
+    for name, param in model.named_parameters():
+        shapes.append([name, list(param.shape)])
+        tensor = param.detach().to("cpu", torch.float32).contiguous()
+        values.update(name.encode())
+        values.update(tensor.numpy().tobytes())
+        stats[name] = float(f"{tensor.abs().mean().item():.7g}")
+    return {
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+        "weights_sha256": values.hexdigest(),
+        "weight_stats": stats,
+    }
+
+
+def _anchor_label(name: str | None, revision: str | None) -> str:
+    return f"'{name}'" + (f" (revision {revision})" if revision else "")
+
+
+def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> None:
+    """Raise a ``ValueError`` naming the mismatch unless ``anchor`` is the model the bank was trained from.
+
+    Same weights (exact hash) pass whatever the name. Otherwise shapes, then weight statistics are compared; a
+    different id or revision with weights that are not identical is refused as well.
+    """
+    trained = _anchor_label(bank_anchor.get("name_or_path"), bank_anchor.get("revision"))
+    given = _anchor_label(anchor.name_or_path, anchor.revision)
+    head = f"The expert bank was trained from {trained}, but the anchor is {given}"
+    fix = "Load the anchor the bank was made from (see the bank's manifest.json / README) or train a new bank."
+    if bank_anchor.get("family") not in (None, anchor.family):
+        raise ValueError(f"{head}: a {bank_anchor['family']} bank cannot be applied to a {anchor.family} model. {fix}")
+    now = anchor_fingerprint(anchor.model)
+    if now["weights_sha256"] == bank_anchor.get("weights_sha256"):
+        return
+    if now["shapes_sha256"] != bank_anchor.get("shapes_sha256"):
+        params = dict(anchor.model.named_parameters())
+        stats = bank_anchor.get("weight_stats", {})
+        missing = [n for n in stats if n not in params][:3]
+        extra = [n for n in params if n not in stats][:3]
+        raise ValueError(
+            f"{head}, and their tensors differ in names or shapes (e.g. only in the bank: {missing}; only in the "
+            f"anchor: {extra}; {bank_anchor.get('num_parameters')} vs {now['num_parameters']} parameters). {fix}"
+        )
+    old = bank_anchor.get("weight_stats", {})
+    differing = [n for n, v in now["weight_stats"].items() if not math.isclose(v, old.get(n, math.nan), rel_tol=rtol, abs_tol=1e-8)]
+    if differing:
+        raise ValueError(
+            f"{head}, which has the same architecture but different weights ({len(differing)} tensors differ, e.g. "
+            f"{differing[0]}: mean |w| {old.get(differing[0])} in the bank's anchor vs "
+            f"{now['weight_stats'][differing[0]]}). {fix}"
+        )
+    same_id = (bank_anchor.get("name_or_path"), bank_anchor.get("revision")) == (anchor.name_or_path, anchor.revision)
+    if not same_id:
+        raise ValueError(
+            f"{head}: same architecture and nearly the same weights, but not identical (a fine-tuned copy or another "
+            f"revision?). {fix}"
+        )
+    logger.warning(
+        "The anchor %s matches the bank's anchor by name and weight statistics but not bit for bit (loaded in "
+        "another dtype?); using the bank anyway.",
+        given,
+    )
+
+
+# ============================================================================================== LoRA set-up
+def _vision_linear_leaves(model: nn.Module) -> set[str]:
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("vision_model.")
+    }
+
+
+def lora_target_regex(model: nn.Module, leaves: Sequence[str] | None = None) -> str:
+    """The peft ``target_modules`` regex: the given Linear leaf names inside ``vision_model``'s encoder layers.
+
+    Scoping to ``...layers.<i>...`` keeps LoRA off the text tower and off SigLIP's attention-pooling head (an
+    ``nn.MultiheadAttention`` whose ``out_proj`` weight is used without calling the module, so LoRA there would do
+    nothing).
+    """
+    available = _vision_linear_leaves(model)
+    if leaves is None:
+        leaves = next((list(group) for group in ATTENTION_LEAVES if set(group) <= available), None)
+        if leaves is None:
+            raise ValueError(
+                f"No default LoRA targets for this vision tower; its Linear layers are named {sorted(available)}. "
+                "Pass --target_modules with some of them."
+            )
+    unknown = sorted(set(leaves) - available)
+    if unknown:
+        raise ValueError(
+            f"target_modules {unknown} name no Linear layer of the vision tower; available: {sorted(available)}."
+        )
+    names = "|".join(re.escape(leaf) for leaf in leaves)
+    return rf"^vision_model\.(?:.*\.)?layers?\.\d+\.(?:.*\.)?(?:{names})$"
+
+
+def default_modules_to_save(encoder: DualEncoder) -> list[str]:
+    """The projections, trained in full: ``visual_projection``/``text_projection``; SigLIP: ``text_model.head``."""
+    return list(PROJECTION_MODULES.get(encoder.family, PROJECTION_MODULES["clip"]))
+
+
+def full_finetune_parameters(encoder: DualEncoder) -> list[str]:
+    """What a full expert trains: the vision tower and the projections (logit scale / bias stay frozen)."""
+    groups = encoder.parameter_groups()
+    return groups.vision + [n for n in groups.projections if n not in ("logit_scale", "logit_bias")]
+
+
+# ============================================================================================== training pieces
+def contrastive_loss(encoder: DualEncoder, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """The loss the family was trained with on unit-norm embeddings: CLIP softmax or SigLIP sigmoid.
+
+    Uses the model's own (exponentiated) logit scale and, for SigLIP, its bias.
+    """
+    from .losses import clip_contrastive_loss, sigmoid_contrastive_loss
+
+    if encoder.contrastive_loss_type == "siglip":
+        return sigmoid_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale, encoder.logit_bias)
+    return clip_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale)
+
+
+class ContrastiveObjective(nn.Module):
+    """``forward(pixel_values, text_features) -> loss``: one module, so DDP sees every trainable parameter used.
+
+    ``augment`` (optional) maps normalised pixels to augmented normalised pixels in training mode.
+    """
+
+    def __init__(self, encoder: DualEncoder, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.augment = augment
+
+    def forward(self, pixel_values: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        if self.training and self.augment is not None:
+            pixel_values = self.augment(pixel_values)
+        image_embeds, text_embeds = self.encoder(pixel_values, text_features)
+        return contrastive_loss(self.encoder, image_embeds, text_embeds)
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Item ``i``: image ``i`` with the frozen text feature of one of its captions, redrawn every epoch.
+
+    One caption per image keeps each batch free of duplicate images (a duplicate would be a false negative of the
+    contrastive loss). The caption choice depends only on (seed, epoch, i), so every process agrees on it.
+    """
+
+    def __init__(self, data, encoder: DualEncoder, text_features: torch.Tensor, pixels: torch.Tensor | None, seed: int):
+        self.data, self.encoder, self.text_features, self.pixels, self.seed = data, encoder, text_features, pixels, seed
+        self.captions_of: list[list[int]] = [[] for _ in range(data.num_images)]
+        for j, image in enumerate(data.caption_to_image.tolist()):
+            self.captions_of[image].append(j)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def __getitem__(self, i: int) -> dict:
+        caps = self.captions_of[i]
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
+        j = caps[int(torch.randint(len(caps), (1,), generator=gen))]
+        pixels = self.pixels[i] if self.pixels is not None else self.encoder.preprocess_images([self.data.image(i)])[0]
+        return {"pixel_values": pixels, "text_features": self.text_features[j]}
+
+
+def recall_at_1(image_embeds: torch.Tensor, text_embeds: torch.Tensor, caption_to_image: torch.Tensor) -> dict:
+    """IR@1 (caption → its image ranked first), TR@1 (image → one of its captions first) and their mean, in %."""
+    sims = text_embeds.float() @ image_embeds.float().T  # [N_txt, N_img]
+    owners = caption_to_image.to(sims.device)
+    ir = (sims.argmax(dim=1) == owners).float().mean().item() * 100
+    top_caption = sims.argmax(dim=0)  # best caption per image
+    tr = (owners[top_caption] == torch.arange(sims.shape[1], device=sims.device)).float().mean().item() * 100
+    return {"ir@1": ir, "tr@1": tr, "mean": (ir + tr) / 2}
+
+
+@torch.no_grad()
+def evaluate_recall(
+    encoder: DualEncoder, pixels: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
+    batch_size: int = 256,
+) -> dict:  # fmt: skip
+    """Recall@1 of ``encoder`` on pre-processed images and frozen text features (eval mode, no gradient)."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    zv = torch.cat([encoder.image_embeds(p.to(device)).cpu() for p in pixels.split(batch_size)])
+    zt = torch.cat([encoder.project_text(t.to(device)).cpu() for t in text_features.split(batch_size)])
+    encoder.train(was_training)
+    return recall_at_1(zv, zt, caption_to_image)
+
+
+def run_contrastive_training(
+    accelerator,
+    objective: ContrastiveObjective,
+    dataset: CaptionedImages,
+    *,
+    learning_rate: float,
+    batch_size: int,
+    num_epochs: int,
+    weight_decay: float = 0.0,
+    max_steps: int | None = None,
+    lr_scheduler_type: str = "constant",
+    warmup_ratio: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    num_workers: int = 0,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """AdamW over the trainable parameters of ``objective``, data parallel through ``accelerator``.
+
+    Each process computes the contrastive loss over its own batch (its negatives are the local batch) and DDP
+    averages the gradients. ``on_epoch_end(epoch, mean_loss)`` runs on every process after each epoch (1-based),
+    with the loss averaged over processes. Returns the per-epoch mean losses.
+    """
+    from transformers import get_scheduler
+
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("Nothing to train: no parameter of the model requires a gradient.")
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    total = len(loader) * num_epochs if max_steps is None else min(max_steps, len(loader) * num_epochs)
+    # Stepped once per optimiser step on every process (not prepared: accelerate would step it num_processes times).
+    scheduler = get_scheduler(lr_scheduler_type, optimizer, int(warmup_ratio * total), total)
+    epoch_losses, step = [], 0
+    for epoch in range(num_epochs):
+        dataset.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        model.train()
+        running, count = torch.zeros((), device=accelerator.device), 0
+        for batch in loader:
+            loss = model(batch["pixel_values"], batch["text_features"])
+            accelerator.backward(loss)
+            if max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.detach()
+            count += 1
+            step += 1
+            if step >= total:
+                break
+        mean = accelerator.reduce(running / max(count, 1), reduction="mean").item()
+        epoch_losses.append(mean)
+        model.eval()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, mean)
+        if step >= total:
+            break
+    accelerator.free_memory()
+    return epoch_losses
+
+
+# ============================================================================================== bank training
+def _load_split(config, split: str, max_images: int | None):
+    from .data import load_image_caption_dataset
+
+    return load_image_caption_dataset(
+        config.dataset_name, split, revision=config.dataset_revision, image_column=config.image_column,
+        caption_column=config.caption_column, split_column=config.split_column, max_images=max_images,
+    )  # fmt: skip
+
+
+def _prepare_output_dir(path: Path, overwrite: bool, accelerator) -> None:
+    if accelerator.is_main_process:
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"output_dir '{path}' is not empty. Pass --overwrite_output_dir to replace it or choose another."
+                )
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def train_expert(
+    config: ExpertTrainingConfig,
+    index: int,
+    anchor: DualEncoder,
+    train_data,
+    train_features: torch.Tensor,
+    train_pixels: torch.Tensor | None,
+    accelerator,
+    bank_dir: Path,
+    validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    manifest_anchor: dict | None = None,
+) -> tuple[dict, DualEncoder]:
+    """Fine-tune expert ``index`` (seed ``config.expert_seeds[index]``) from a copy of ``anchor``.
+
+    Saves ``bank_dir/expert-<index>/epoch-<e>/`` after every epoch (main process) and returns the manifest record
+    ``{"name", "seed", "epochs": [{"epoch", "path", "train_loss", "validation"}]}`` with the trained encoder.
+    ``validation`` is ``(pixels, text_features, caption_to_image)``.
+    """
+    from accelerate.utils import set_seed
+
+    seed = config.expert_seeds[index]
+    set_seed(seed)  # LoRA init and data order; identical on every process
+    model = copy.deepcopy(anchor.model)
+    encoder = DualEncoder(model, anchor.tokenizer, anchor.image_processor, anchor.name_or_path, anchor.revision,
+                          anchor.text_pooling)  # fmt: skip
+    encoder.to(accelerator.device)
+    peft_model = None
+    if config.full_finetune:
+        trainable = set(full_finetune_parameters(encoder))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trainable)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora, target_modules=lora_target_regex(model, config.target_modules),
+            modules_to_save=config.modules_to_save or default_modules_to_save(encoder), bias="none",
+            base_model_name_or_path=anchor.name_or_path, revision=anchor.revision,
+        )  # fmt: skip
+        peft_model = get_peft_model(model, lora)  # injects LoRA into ``model`` in place; freezes the rest
+    dataset = CaptionedImages(train_data, encoder, train_features, train_pixels, seed)
+    name = f"expert-{index}"
+    record = {"name": name, "seed": seed, "epochs": []}
+
+    def on_epoch_end(epoch: int, loss: float) -> None:
+        path = bank_dir / name / f"epoch-{epoch}"
+        entry = {"epoch": epoch, "path": f"{name}/epoch-{epoch}", "train_loss": loss}
+        if accelerator.is_main_process:
+            if peft_model is not None:
+                _save_lora_epoch(peft_model, path, anchor)
+            else:
+                _save_full_epoch(model, path, full_finetune_parameters(anchor), anchor)
+            if validation is not None:
+                entry["validation"] = evaluate_recall(encoder, *validation)
+            logger.info("%s epoch %d: loss %.4f %s", name, epoch, loss, entry.get("validation", ""))
+        record["epochs"].append(entry)
+        accelerator.wait_for_everyone()
+
+    run_contrastive_training(
+        accelerator, ContrastiveObjective(encoder), dataset, learning_rate=config.learning_rate,
+        batch_size=config.per_device_train_batch_size, num_epochs=config.num_epochs,
+        weight_decay=config.weight_decay, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm, num_workers=config.num_workers,
+        on_epoch_end=on_epoch_end,
+    )  # fmt: skip
+    return record, encoder
+
+
+def _save_lora_epoch(peft_model, path: Path, anchor: DualEncoder) -> None:
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path, config.revision = anchor.name_or_path, anchor.revision
+    peft_model.save_pretrained(str(path), safe_serialization=True)
+    (path / "README.md").unlink(missing_ok=True)  # peft's placeholder card; the bank has one card at the top
+
+
+def _save_full_epoch(model: nn.Module, path: Path, names: list[str], anchor: DualEncoder) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().cpu().contiguous() for n in names}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _write_json_atomic(
+        path / "expert_config.json",
+        {"kind": "full", "base_model_name_or_path": anchor.name_or_path, "revision": anchor.revision,
+         "num_tensors": len(tensors)},
+    )  # fmt: skip
+
+
+def train_expert_bank(config: ExpertTrainingConfig, accelerator=None, anchor: DualEncoder | None = None) -> Path:
+    """Train ``config.num_experts`` experts from the anchor and write the bank to ``config.output_dir``.
+
+    Works under ``accelerate launch`` (multi-process data parallel): every process trains on its shard, the main
+    process writes the checkpoints, the manifest and the card. Returns the bank directory.
+    """
+    from accelerate import Accelerator
+
+    from . import __version__
+    from .data import cached_text_features, preprocess_split_images
+
+    acc = accelerator or Accelerator()
+    out = Path(config.output_dir)
+    _prepare_output_dir(out, config.overwrite_output_dir, acc)
+    if anchor is None:
+        anchor = DualEncoder.from_pretrained(
+            config.model_name_or_path, config.revision, config.text_pooling, config.trust_remote_code
+        )
+    anchor.requires_grad_(False)
+    train = _load_split(config, config.train_split, config.max_train_images)
+    with acc.main_process_first():  # rank 0 fills the text-feature cache, the others read it
+        train_features = cached_text_features(anchor, train, config.cache_dir)
+    train_pixels = preprocess_split_images(anchor, train) if train.num_images <= config.max_cached_images else None
+    validation = None
+    if config.validation_split:
+        val = _load_split(config, config.validation_split, config.max_validation_images)
+        with acc.main_process_first():
+            val_features = cached_text_features(anchor, val, config.cache_dir)
+        validation = (preprocess_split_images(anchor, val), val_features, val.caption_to_image)
+    fingerprint = anchor_fingerprint(anchor.model)
+    manifest = {
+        "format_version": BANK_FORMAT_VERSION,
+        "created_with": f"mdm-hf {__version__}",
+        "kind": config.kind,
+        "family": anchor.family,
+        "anchor": {
+            "name_or_path": anchor.name_or_path, "revision": anchor.revision, "family": anchor.family,
+            "model_type": anchor.model.config.model_type, "text_pooling": anchor.text_pooling, **fingerprint,
+        },
+        "lora": None if config.full_finetune else {
+            "r": config.lora_r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+            "lora_dropout": config.lora_dropout,
+            "target_modules": lora_target_regex(anchor.model, config.target_modules),
+            "modules_to_save": config.modules_to_save or default_modules_to_save(anchor),
+        },
+        "trained_parameters": full_finetune_parameters(anchor) if config.full_finetune else None,
+        "seeds": config.expert_seeds,
+        "num_epochs": config.num_epochs,
+        "dataset": {"name": config.dataset_name, "revision": config.dataset_revision, "split": config.train_split,
+                    "validation_split": config.validation_split, "num_images": train.num_images,
+                    "num_captions": train.num_captions, "fingerprint": train.fingerprint, "license": train.license},
+        "validation_metric": "recall@1 (ir@1, tr@1, mean; %) on the validation split" if validation else None,
+        "training": config.to_dict(),
+        "experts": [],
+    }  # fmt: skip
+    for index in range(config.num_experts):
+        record, _ = train_expert(
+            config, index, anchor, train, train_features, train_pixels, acc, out, validation, manifest["anchor"]
+        )
+        manifest["experts"].append(record)
+        if acc.is_main_process:  # after every expert: a crash leaves a readable, partial bank
+            _write_json_atomic(out / MANIFEST_NAME, manifest)
+    if acc.is_main_process:
+        write_bank_card(out, manifest)
+    acc.wait_for_everyone()
+    return out
+
+
+# ============================================================================================== bank files
+def read_manifest(bank_dir: str | os.PathLike) -> dict:
+    """The bank's ``manifest.json``; a clear error when ``bank_dir`` is not an expert bank or is too new."""
+    path = Path(bank_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"'{bank_dir}' is not an expert bank: it has no {MANIFEST_NAME}. Make one with `mdm-hf experts` "
+            "(recipes/finetune_experts.py)."
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version", 0) > BANK_FORMAT_VERSION:
+        raise ValueError(
+            f"Expert bank '{bank_dir}' has format version {manifest['format_version']}; this mdm-hf reads up to "
+            f"{BANK_FORMAT_VERSION}. Upgrade mdm-hf."
+        )
+    return manifest
+
+
+def bank_size_bytes(bank_dir: str | os.PathLike) -> int:
+    """Bytes of every file in the bank (weights, configs, manifest, card)."""
+    return sum(p.stat().st_size for p in Path(bank_dir).rglob("*") if p.is_file())
+
+
+def write_bank_card(bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None) -> Path:
+    """Render ``README.md`` of the bank from ``hub_cards/expert_bank_card.md`` (``repo_id`` fills the snippets)."""
+    import yaml
+    from huggingface_hub import ModelCardData
+
+    from .cards import render_model_card
+
+    bank_dir = Path(bank_dir)
+    manifest = manifest or read_manifest(bank_dir)
+    anchor, lora = manifest["anchor"], manifest.get("lora")
+    anchor_id = anchor["name_or_path"]
+    on_hub = not os.path.exists(anchor_id) and anchor_id.count("/") == 1
+    dataset = manifest["dataset"]["name"]
+    card_data = ModelCardData(
+        library_name="peft" if manifest["kind"] == "lora" else "transformers",
+        base_model=anchor_id if on_hub else None,
+        datasets=[dataset] if not os.path.exists(dataset) and dataset.count("/") == 1 else None,
+        tags=["mdm-hf", "dataset-distillation", "model-stock", "expert-bank", manifest["family"],
+              *(["lora"] if manifest["kind"] == "lora" else [])],
+    )  # fmt: skip
+    rows = []
+    for expert in manifest["experts"]:
+        for ep in expert["epochs"]:
+            val = ep.get("validation") or {}
+            rows.append([expert["name"], expert["seed"], ep["epoch"], f"{ep['train_loss']:.4f}",
+                         *(f"{val[k]:.1f}" if k in val else "–" for k in ("ir@1", "tr@1", "mean"))])  # fmt: skip
+    card = render_model_card(
+        CARD_TEMPLATE,
+        card_data,
+        repo_id=repo_id or str(bank_dir),
+        anchor=anchor,
+        anchor_link=f"[{anchor_id}](https://huggingface.co/{anchor_id})" if on_hub else f"`{anchor_id}`",
+        kind=manifest["kind"],
+        family=manifest["family"],
+        lora=lora,
+        num_experts=len(manifest["experts"]),
+        num_epochs=manifest["num_epochs"],
+        seeds=manifest["seeds"],
+        dataset=manifest["dataset"],
+        rows=rows,
+        size_mb=f"{bank_size_bytes(bank_dir) / 2**20:.1f}",
+        training_yaml=yaml.safe_dump(manifest["training"], sort_keys=True).strip(),
+        created_with=manifest.get("created_with", "mdm-hf"),
+    )
+    path = bank_dir / "README.md"
+    card.save(str(path))
+    return path
+
+
+def push_expert_bank(
+    bank_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload MDM expert bank",
+) -> str:
+    """Upload a bank directory as a Hub **model** repo (created if needed); returns the commit URL.
+
+    The card is re-rendered with ``repo_id`` first. ``token`` (or the logged-in token) is only handed to
+    ``HfApi``; it is never written to a file.
+    """
+    from huggingface_hub import HfApi
+
+    bank_dir = Path(bank_dir)
+    write_bank_card(bank_dir, read_manifest(bank_dir), repo_id=repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
+    info = api.upload_folder(
+        folder_path=str(bank_dir), repo_id=repo_id, repo_type="model", revision=revision,
+        commit_message=commit_message, ignore_patterns=["*.tmp", ".cache/**"],
+    )  # fmt: skip
+    return str(getattr(info, "commit_url", info))
+
+
+# ============================================================================================== loading
+def resolve_bank_dir(id_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+    """A local bank directory: ``id_or_dir`` itself, or a snapshot of the Hub repo ``id_or_dir``."""
+    if os.path.isdir(id_or_dir):
+        return Path(id_or_dir)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    hint = (
+        f"Download it once where the Hub is reachable (`hf download {id_or_dir} --local-dir expert_bank/`) and pass "
+        "the local directory instead (--expert_bank expert_bank/)."
+    )
+    try:
+        return Path(snapshot_download(str(id_or_dir), revision=revision, repo_type="model", token=token))
+    except HFValidationError as err:
+        raise FileNotFoundError(f"Expert bank '{id_or_dir}' is neither a directory nor a valid Hub repo id.") from err
+    except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one clear message
+        raise OfflineHubError(
+            f"Could not load the expert bank '{id_or_dir}'{f' (revision {revision})' if revision else ''}: it is "
+            f"not a local directory and the Hub could not provide it (offline={is_hub_offline()}; "
+            f"{type(err).__name__}: {err}). {hint}"
+        ) from err
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _strip_peft_prefix(key: str) -> str:
+    key = key.removeprefix("base_model.model.")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+
+
+def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], bank_anchor: dict) -> dict:
+    """One saved LoRA checkpoint -> ``{anchor parameter name: LowRankDelta | dense Tensor offset}``."""
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    from .merge import LowRankDelta
+
+    cfg_path, weights = epoch_dir / "adapter_config.json", epoch_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = any((epoch_dir / n).exists() for n in ("adapter_model.bin", "adapter_model.pt"))
+        raise ValueError(
+            f"{epoch_dir}: no adapter_model.safetensors"
+            + (" (only a pickled adapter_model.bin, which is never loaded: re-save it with safetensors)." if pickled else ".")
+        )
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{epoch_dir}: a {cfg.get('peft_type')} adapter; expert banks hold LoRA adapters only.")
+    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if cfg.get(flag):
+            raise ValueError(f"{epoch_dir}: {flag}=True adapters are not plain low-rank offsets and are not supported.")
+    base = (cfg.get("base_model_name_or_path"), cfg.get("revision"))
+    if base != (bank_anchor.get("name_or_path"), bank_anchor.get("revision")):
+        raise ValueError(
+            f"{epoch_dir}: the adapter was trained from {_anchor_label(*base)}, but the bank's manifest names "
+            f"{_anchor_label(bank_anchor.get('name_or_path'), bank_anchor.get('revision'))}. The bank is inconsistent."
+        )
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    deltas: dict = {}
+    for key, tensor in load_file(str(weights)).items():
+        match = _LORA_KEY.match(key)
+        if match:
+            factors.setdefault(match["module"], {})[match["ab"]] = tensor.float()
+            continue
+        name = _strip_peft_prefix(key)
+        if name not in anchor_params:
+            raise ValueError(f"{epoch_dir}: tensor '{key}' matches no parameter of the anchor ('{name}').")
+        if tuple(tensor.shape) != tuple(anchor_params[name].shape):
+            raise ValueError(
+                f"{epoch_dir}: '{name}' has shape {tuple(tensor.shape)}, the anchor's {tuple(anchor_params[name].shape)}."
+            )
+        deltas[name] = tensor.float() - anchor_params[name].detach().float().cpu()
+    for module, ab in factors.items():
+        name = f"{module}.weight"
+        if set(ab) != {"A", "B"} or name not in anchor_params:
+            raise ValueError(f"{epoch_dir}: LoRA factors of '{module}' are incomplete or match no anchor weight.")
+        a, b, w = ab["A"], ab["B"], anchor_params[name]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ValueError(
+                f"{epoch_dir}: LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
+                f"anchor weight {tuple(w.shape)}."
+            )
+        r = a.shape[0]
+        expected_r = cfg.get("rank_pattern", {}).get(get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), cfg["r"])
+        if r != expected_r:
+            raise ValueError(f"{epoch_dir}: '{module}' has rank {r} but its adapter_config says {expected_r}.")
+        alphas = cfg.get("alpha_pattern", {})
+        alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg["lora_alpha"])
+        # peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; ΔW = scaling · B · A.
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        deltas[name] = LowRankDelta(a, b, scale)
+    return deltas
+
+
+def full_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One saved full checkpoint (``model.safetensors`` of the trained tensors) -> dense offsets ``w_i − w0``."""
+    from safetensors.torch import load_file
+
+    weights = epoch_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{epoch_dir}: no model.safetensors in this full-weight expert checkpoint.")
+    deltas = {}
+    for name, tensor in load_file(str(weights)).items():
+        if name not in anchor_params or tuple(tensor.shape) != tuple(anchor_params[name].shape):
+            raise ValueError(
+                f"{epoch_dir}: tensor '{name}' {tuple(tensor.shape)} matches no anchor parameter of that shape."
+            )
+        deltas[name] = tensor.float() - anchor_params[name].detach().float().cpu()
+    return deltas
+
+
+def load_expert_bank(
+    id_or_dir: str | os.PathLike,
+    anchor: DualEncoder,
+    revision: str | None = None,
+    token: str | None = None,
+):
+    """Load a bank (Hub id or directory) as a :class:`mdm_hf.merge.ExpertBank` over ``anchor``.
+
+    Raises ``ValueError`` when the bank was trained from another anchor (id / revision / weights / shapes), and a
+    clear ``OSError`` with the fix when a Hub id cannot be fetched (offline).
+    """
+    from .merge import ExpertBank
+
+    bank_dir = resolve_bank_dir(id_or_dir, revision, token)
+    manifest = read_manifest(bank_dir)
+    check_anchor(manifest["anchor"], anchor)
+    anchor_params = {n: p.detach().float().cpu() for n, p in anchor.model.named_parameters()}
+    experts, names = [], []
+    for expert in manifest["experts"]:
+        epochs = []
+        for ep in sorted(expert["epochs"], key=lambda e: e["epoch"]):
+            epoch_dir = bank_dir / ep["path"]
+            if manifest["kind"] == "lora":
+                epochs.append(lora_epoch_deltas(epoch_dir, anchor_params, manifest["anchor"]))
+            else:
+                epochs.append(full_epoch_deltas(epoch_dir, anchor_params))
+        experts.append(epochs)
+        names.append(expert["name"])
+    if not experts:
+        raise ValueError(f"Expert bank '{id_or_dir}' holds no experts (an interrupted run?). Train it again.")
+    touched = sorted({n for epochs in experts for deltas in epochs for n in deltas})
+    return ExpertBank({n: anchor_params[n] for n in touched}, experts, names=names)
+
+
+# ============================================================================================== CLI
+def experts_main(argv: Sequence[str] | None = None) -> int:
+    """``mdm-hf experts --config file.yaml [--field value ...]``: train a bank, optionally push it."""
+    from .cli import parse_dataclass_args
+
+    config = parse_dataclass_args(ExpertTrainingConfig, argv, prog="mdm-hf experts")
+    bank = train_expert_bank(config)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"Expert bank ({config.num_experts} experts x {config.num_epochs} epochs, {config.kind}) written to "
+              f"{bank} ({bank_size_bytes(bank) / 2**20:.1f} MiB). Use it with --expert_bank {bank}.")  # fmt: skip
+        if config.push_to_hub:
+            print(f"Pushed to {push_expert_bank(bank, config.hub_model_id, private=config.hub_private)}")
+    return 0
