@@ -13,7 +13,7 @@ Ops, on normalised pixels ``x`` of shape ``[B, C, H, W]`` with per-sample parame
     flip     horizontal mirror with probability ``flip``
     scale    anisotropic scale s_x, s_y in [1 / scale, scale] about the centre
     rotate   rotation by an angle in [-rotate, rotate] degrees about the centre
-    cutout   a ``cutout * H`` x ``cutout * W`` rectangle at a random centre set to 0
+    cutout   a ``cutout * H`` x ``cutout * W`` rectangle around a random centre set to 0
 
 Colour ops are DSA's range-agnostic formulas (plain tensor arithmetic, no clamping, so out-of-range learned pixels
 keep their gradient); the geometric ops are one kornia ``warp_affine`` (bilinear, zero padding). ``mode="single"``
@@ -236,12 +236,13 @@ def apply_affine(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
 
 
 def apply_cutout(x: torch.Tensor, centers: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Zero a ``ratio*W`` x ``ratio*H`` rectangle around each centre (clipped at the borders); a mask multiply."""
+    """Zero a ``round(ratio*H)`` x ``round(ratio*W)`` rectangle starting half its size before each centre (clipped
+    at the borders); a mask multiply, so gradients flow to the kept pixels."""
     height, width = x.shape[-2:]
-    half_w, half_h = int(ratio * width + 0.5) // 2, int(ratio * height + 0.5) // 2
+    h, w = int(ratio * height + 0.5), int(ratio * width + 0.5)
     cols = torch.arange(width).view(1, 1, width)
     rows = torch.arange(height).view(1, height, 1)
-    cx, cy = centers[:, 0].view(-1, 1, 1), centers[:, 1].view(-1, 1, 1)
-    inside = (cols >= cx - half_w) & (cols < cx + half_w) & (rows >= cy - half_h) & (rows < cy + half_h)
+    x0, y0 = (centers[:, 0] - w // 2).view(-1, 1, 1), (centers[:, 1] - h // 2).view(-1, 1, 1)
+    inside = (cols >= x0) & (cols < x0 + w) & (rows >= y0) & (rows < y0 + h)
     mask = (~inside).to(device=x.device, dtype=x.dtype).unsqueeze(1)
     return x * mask

@@ -423,9 +423,6 @@ def build_emojicaps(
         ValueError: bad arguments, or ``output_dir`` holds something else and ``overwrite`` does not allow
             replacing it.
     """
-    import datasets
-    from tqdm.auto import tqdm
-
     if int(image_size) < 8:
         raise ValueError(f"image_size={image_size}: use at least 8 pixels")
     output_dir = Path(output_dir).expanduser()
@@ -445,6 +442,9 @@ def build_emojicaps(
                 f"{problem}. Pass overwrite=True to rebuild it there, or choose another output_dir."
             )
         logger.info("EmojiCaps: %s; rebuilding (overwrite=True)", problem)
+
+    import datasets  # after the reuse check: importing it takes seconds
+    from tqdm.auto import tqdm
 
     _, twemoji_dir, font_path = _sources()
     concepts = list_emojicaps_concepts(max_concepts=max_concepts, seed=seed)

@@ -65,6 +65,20 @@ def test_loads_through_auto_classes(encoders, family):
     assert len(enc.image_mean) == len(enc.image_std) == 3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoints_load_through_auto_processor(encoders, tiny_model_dirs, family):
+    """The fixtures are complete Hub-layout checkpoints: AutoProcessor agrees with the encoder's own pieces."""
+    from transformers import AutoProcessor
+
+    enc = encoders[family]
+    processor = AutoProcessor.from_pretrained(tiny_model_dirs[family])
+    images = [testing.toy_image("green", "stripe", 32)]
+    padding = "max_length" if family == "siglip" else True
+    out = processor(text=CAPTIONS, images=images, padding=padding, truncation=True, return_tensors="pt")
+    assert torch.equal(out["pixel_values"].float(), enc.preprocess_images(images))
+    assert torch.equal(out["input_ids"], enc.tokenize(CAPTIONS)["input_ids"])
+
+
 # ---------------------------------------------------------------------------------------------- image side
 @pytest.mark.parametrize("family", FAMILIES)
 def test_image_embeds_unit_norm_and_differentiable(encoders, family):

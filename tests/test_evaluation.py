@@ -1,0 +1,438 @@
+"""Students and their evaluation: DSA augmentation, pixel-space conversion, both student tracks, selection on
+validation with one test evaluation, reproducibility, the comparison table and the distiller's validation hook."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdm_hf import evaluation
+from mdm_hf.augment import AugmentParams, DiffAugment
+from mdm_hf.evaluation import (
+    PixelSpace,
+    StudentConfig,
+    StudentEvaluator,
+    convert_pixels,
+    evaluate_student,
+    format_results_table,
+    student_validation_fn,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean")
+
+
+def small_config(model_dir: str, dataset_dir: str, tmp_path: Path, **overrides) -> StudentConfig:
+    values = dict(
+        model_name_or_path=model_dir,
+        dataset_name=dataset_dir,
+        preset="small",
+        max_steps=4,
+        full_max_steps=4,
+        eval_steps=2,
+        batch_size=8,
+        num_pairs=8,
+        num_seeds=1,
+        logging_steps=1,
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    values.update(overrides)
+    return StudentConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def clip_evaluator(tiny_clip_dir, tiny_dataset_dir, tmp_path_factory):
+    return StudentEvaluator(
+        small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path_factory.mktemp("clip_eval"))
+    )
+
+
+def real_pairs_as_synthetic(evaluator: StudentEvaluator, k: int = 8):
+    """A SyntheticSet made of K real train pairs, in the teacher's pixel and text spaces (no distillation)."""
+    from mdm_hf.synthetic import SyntheticSet
+
+    train = evaluator.train_split()
+    idx = torch.arange(0, 2 * k, 2)  # one caption of each of the first k images
+    owners = train["caption_to_image"][idx]
+    teacher_text = train["text_features"] if evaluator.text_encoder is evaluator.teacher else None
+    return SyntheticSet(
+        pixel_values=train["teacher_pixels"][owners].clone(),
+        text_features=teacher_text[idx].clone(),
+        image_mean=evaluator.teacher.image_mean,
+        image_std=evaluator.teacher.image_std,
+        captions=[[train["data"].captions[int(j)]] for j in idx],
+        source_indices=idx.tolist(),
+        source_image_indices=owners.tolist(),
+        provenance={"teacher": evaluator.config.model_name_or_path},
+    )
+
+
+# ============================================================================================ augmentation
+def test_augmentation_is_deterministic_for_a_seed_and_differs_across_seeds():
+    x = torch.randn(6, 3, 16, 16)
+    a, b, c = (
+        DiffAugment(seed=3, mode="all"),
+        DiffAugment(seed=3, mode="all"),
+        DiffAugment(seed=4, mode="all"),
+    )
+    first = [a(x), a(x)]
+    assert torch.equal(first[0], b(x)) and torch.equal(first[1], b(x))  # the same sequence, call by call
+    assert not torch.equal(first[0], first[1])  # the sequence moves on
+    assert not torch.equal(first[0], c(x))
+    torch.manual_seed(123)  # the global RNG plays no part
+    a.reset()
+    assert torch.equal(a(x), first[0])
+    # siamese use: an explicit per-call seed gives the same transform to two batches
+    assert torch.equal(a(x, seed=7), b(x, seed=7))
+
+
+@pytest.mark.parametrize("mode", ["single", "all"])
+def test_augmentation_is_differentiable_in_the_pixels(mode):
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    aug = DiffAugment(mode=mode, seed=0)
+    for _ in range(6):  # single mode: several ops get drawn
+        x.grad = None
+        (aug(x) * torch.randn(4, 3, 16, 16)).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_single_mode_applies_one_op_and_none_is_identity():
+    aug = DiffAugment(seed=0)
+    drawn = {aug.sample_params(2, 8, 8).ops for _ in range(40)}
+    assert all(len(ops) == 1 for ops in drawn) and len(drawn) == 6
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(DiffAugment("none")(x), x)
+    with pytest.raises(ValueError, match="Unknown augmentation op"):
+        DiffAugment("color_blur")
+
+
+def test_geometric_ops_match_hand_computed_images():
+    x = torch.randn(3, 3, 10, 12)
+    aug = DiffAugment(seed=0)
+    flipped = aug.apply(x, AugmentParams(ops=("flip",), flip=torch.tensor([True, False, True])))
+    torch.testing.assert_close(flipped[0], x[0].flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flipped[1], x[1], atol=1e-4, rtol=0)
+    # shift (dx, dy) = (2, -1): dst[y - 1, x + 2] = src[y, x], zero padding
+    shifted = aug.apply(x, AugmentParams(ops=("crop",), shift=torch.tensor([[2, -1], [0, 0], [0, 3]])))
+    expected = torch.zeros_like(x[0])
+    expected[:, 0:9, 2:12] = x[0][:, 1:10, 0:10]
+    torch.testing.assert_close(shifted[0], expected, atol=1e-4, rtol=0)
+    # a 90-degree rotation of a square image is a rot90 (either direction: the range is symmetric)
+    sq = torch.randn(1, 3, 9, 9)
+    rotated = aug.apply(sq, AugmentParams(ops=("rotate",), angle=torch.tensor([90.0])))[0]
+    err = min((rotated - torch.rot90(sq[0], k, (-2, -1))).abs().max() for k in (1, -1))
+    assert err < 1e-4
+
+
+def test_color_and_cutout_match_an_independent_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    b, s, c = torch.tensor([0.3, -0.2]), torch.tensor([1.5, 0.4]), torch.tensor([0.7, 1.2])
+    out = DiffAugment(seed=0).apply(x, AugmentParams(ops=("color",), brightness=b, saturation=s, contrast=c))
+    xn = x.numpy().astype(np.float64)
+    for i in range(2):  # per sample, per pixel, with numpy
+        y = xn[i] + b[i].item()
+        gray = y.mean(axis=0, keepdims=True)
+        y = gray + s[i].item() * (y - gray)
+        y = y.mean() + c[i].item() * (y - y.mean())
+        np.testing.assert_allclose(out[i].numpy(), y, atol=1e-5)
+    # cutout 0.5 of 6 px: a 3x3 square starting one pixel before the centre
+    ones = torch.ones(2, 1, 6, 6)
+    centers = torch.tensor([[0, 0], [3, 2]])  # (x, y)
+    cut = DiffAugment(seed=0).apply(ones, AugmentParams(ops=("cutout",), cutout_center=centers))
+    assert cut[0, 0, :2, :2].sum() == 0 and cut[0].sum() == 36 - 4  # clipped at the corner: rows, cols {0, 1}
+    assert cut[1, 0, 1:4, 2:5].sum() == 0 and cut[1].sum() == 36 - 9  # rows {1, 2, 3}, cols {2, 3, 4}
+
+
+# ============================================================================================ pixel spaces
+def test_pixel_conversion_is_exact_on_a_hand_case():
+    src = PixelSpace.make([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], 2)
+    dst = PixelSpace.make([0.1, 0.2, 0.3], [0.2, 0.25, 0.5], 2)
+    x = torch.tensor([-1.0, 1.0, 0.0, 0.5]).view(1, 1, 2, 2).repeat(1, 3, 1, 1)  # rgb 0, 1, 0.5, 0.75
+    out = convert_pixels(x, src, dst)
+    rgb = torch.tensor([0.0, 1.0, 0.5, 0.75]).view(2, 2)
+    for ch, (m, s) in enumerate(zip(dst.mean, dst.std)):
+        torch.testing.assert_close(out[0, ch], (rgb - m) / s)
+    # shrinking 2x2 -> 1x1 (antialiased bilinear) averages the four pixels: rgb mean 0.5625
+    one = convert_pixels(x, src, PixelSpace.make([0.0] * 3, [1.0] * 3, 1))
+    torch.testing.assert_close(one, torch.full((1, 3, 1, 1), 0.5625))
+    # identical spaces: the very same tensor (no float round trip)
+    assert convert_pixels(x, src, src) is x
+    # there and back again
+    back = convert_pixels(convert_pixels(x, src, dst), dst, src)
+    torch.testing.assert_close(back, x)
+
+
+# ============================================================================================ students
+def test_clip_student_has_fresh_head_by_default_and_keeps_pretrained_head_on_request(
+    clip_evaluator, tiny_clip_dir
+):
+    fresh = clip_evaluator.build_student()
+    teacher = clip_evaluator.teacher.model
+    assert not torch.equal(fresh.text_projection.weight, teacher.text_projection.weight)
+    torch.testing.assert_close(fresh.logit_scale, torch.tensor(1 / 0.07))
+    assert fresh.log_logit_scale.requires_grad  # small preset: learnable temperature
+    # the vision tower starts from the teacher's (anchor) weights
+    for (n, p), q in zip(fresh.vision.model.named_parameters(), teacher.vision_model.parameters()):
+        assert torch.equal(p, q), n
+    cfg = dataclasses.replace(clip_evaluator.config, keep_pretrained_head=True)
+    kept = StudentEvaluator(cfg, teacher=clip_evaluator.teacher).build_student()
+    assert torch.equal(kept.text_projection.weight, teacher.text_projection.weight)
+    assert torch.equal(kept.visual_projection.weight, teacher.visual_projection.weight)
+    torch.testing.assert_close(kept.log_logit_scale, teacher.logit_scale.detach())
+
+
+def test_clip_student_trains_and_reports_every_metric(clip_evaluator):
+    run = clip_evaluator.train_student(clip_evaluator.pairs("random", 0), seed=0, method="random")
+    steps = [h["step"] for h in run.history]
+    assert steps == [0, 2, 4] and run.best_step in steps and run.steps == 4
+    assert set(METRICS) <= set(run.validation) and all(0 <= run.validation[m] <= 100 for m in METRICS)
+    assert run.validation["mean"] == max(h["mean"] for h in run.history)
+    assert len(run.losses) == 4 and all(np.isfinite(entry["loss"]) for entry in run.losses)
+    # the selected state is what the model now holds: scoring it again reproduces the best validation numbers
+    assert evaluation.evaluate_split(run.model, clip_evaluator.validation) == run.validation
+
+
+def test_same_seed_reproduces_the_same_numbers(clip_evaluator):
+    first, second = clip_evaluator.run("random", 0), clip_evaluator.run("random", 0)
+    for key in ("test", "validation", "validation_history", "train_loss", "best_step"):
+        assert first[key] == second[key], key
+    other = clip_evaluator.run("random", 1)
+    assert other["train_loss"] != first["train_loss"]  # a different seed is a different student
+
+
+def test_model_selection_never_looks_at_test(tiny_clip_dir, tiny_dataset_dir, tmp_path, monkeypatch):
+    calls = []
+    original = evaluation.evaluate_split
+
+    def spy(model, split, batch_size=256):
+        calls.append(split.name)
+        return original(model, split, batch_size)
+
+    monkeypatch.setattr(evaluation, "evaluate_split", spy)
+    config = small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, method="herding", num_seeds=2)
+    result = evaluate_student(config)
+    assert calls.count("test") == 2  # once per student, with its selected state
+    first_test = calls.index("test")
+    assert (
+        calls[:first_test] == ["validation"] * 3
+    )  # steps 0, 2, 4 of seed 0, then its single test evaluation
+    assert calls[first_test + 1 :] == ["validation"] * 3 + ["test"]
+    row = result["row"]
+    tests = [r["test"]["mean"] for r in result["runs"]]
+    assert row["mean"] == pytest.approx(np.mean(tests)) and row["mean_std"] == pytest.approx(
+        np.std(tests, ddof=1)
+    )
+    assert row["seeds"] == 2 and row["method"] == "Herding" and row["pairs"] == 8
+    saved = json.loads((tmp_path / "out" / "student_herding.json").read_text())
+    assert saved["row"] == row and "validation_history" in saved["runs"][0]
+
+
+def test_validation_hook_never_loads_test(
+    tiny_clip_dir, tiny_dataset_dir, tmp_path, monkeypatch, clip_evaluator
+):
+    import mdm_hf.data
+
+    loaded = []
+    original = mdm_hf.data.load_image_caption_dataset
+
+    def spy(name, split="train", **kwargs):
+        loaded.append(split)
+        return original(name, split, **kwargs)
+
+    monkeypatch.setattr(mdm_hf.data, "load_image_caption_dataset", spy)
+    synthetic = real_pairs_as_synthetic(clip_evaluator)
+    hook = student_validation_fn(clip_evaluator.config, teacher=clip_evaluator.teacher, max_steps=2)
+    metrics = hook(synthetic, 50)
+    assert loaded == ["validation"]
+    assert set(METRICS) <= set(metrics) and all(isinstance(v, float) for v in metrics.values())
+    with pytest.raises(RuntimeError, match="validation-only"):
+        _ = hook.evaluator.test
+
+
+def test_synthetic_pairs_reach_the_student_like_the_real_pairs_they_came_from(clip_evaluator):
+    synthetic = real_pairs_as_synthetic(clip_evaluator)
+    pairs = clip_evaluator.synthetic_pairs(synthetic)
+    train = clip_evaluator.train_split()
+    for i, j in enumerate(synthetic.source_indices):
+        real = train["images"][int(train["caption_to_image"][j])]
+        assert torch.equal(pairs[i]["pixel_values"], real)
+        assert torch.equal(pairs[i]["text_features"], train["text_features"][j])
+    bad = dataclasses.replace(synthetic, text_features=torch.zeros(len(synthetic), 5))
+    with pytest.raises(ValueError, match="another text space"):
+        clip_evaluator.synthetic_pairs(bad)
+
+
+def _save_tiny_resnet(directory: Path) -> str:
+    """A tiny ResNet image backbone with its own processor (other mean/std, 24 px): a cross-architecture student."""
+    from transformers import CLIPImageProcessorPil, ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    ResNetModel(config).save_pretrained(directory)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": 24},
+        crop_size={"height": 24, "width": 24},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(directory)
+    return str(directory)
+
+
+def test_paper_track_cross_architecture_student(tiny_model_dirs, tiny_dataset_dir, tmp_path):
+    """ResNet image tower (trained) + the teacher's frozen BERT text tower + a fresh text projection; paper
+    preset (SGD, step decay x0.1, epochs, fixed tau) shortened to 4 epochs with the decay after epoch 2."""
+    resnet = _save_tiny_resnet(tmp_path / "resnet")
+    config = small_config(
+        tiny_model_dirs["dual_encoder"],
+        tiny_dataset_dir,
+        tmp_path,
+        track="paper",
+        vision_model_name_or_path=resnet,
+        preset="paper",
+        max_steps=None,
+        full_max_steps=None,
+        eval_steps=None,
+        num_train_epochs=4.0,
+        lr_decay_epochs=[2.0],
+        eval_epochs=1.0,
+        method="kcenter",
+    )
+    assert (config.optimizer, config.learn_temperature, config.lr_scheduler) == ("sgd", False, "step")
+    evaluator = StudentEvaluator(config)
+    assert evaluator.student_space == PixelSpace.make([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 24)
+    assert evaluator.validation.images.shape[-2:] == (24, 24)
+    student = evaluator.build_student()
+    assert type(student.vision.model).__name__ == "ResNetModel"
+    assert isinstance(student.visual_projection, torch.nn.Identity)  # paper: the text side projects
+    assert student.text_projection.weight.shape == (16, evaluator.teacher.text_feature_dim)
+    assert not student.log_logit_scale.requires_grad  # tau fixed at 0.07
+    record = evaluator.run("kcenter", 0)
+    assert record["steps"] == 4 and [h["step"] for h in record["validation_history"]] == [0, 1, 2, 3, 4]
+    lrs = [entry["learning_rate"] for entry in record["train_loss"]]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01)  # x0.1 after epoch 2
+    assert all(0 <= record["test"][m] <= 100 for m in METRICS)
+    with pytest.raises(ValueError, match="paper track trains an image backbone"):
+        StudentEvaluator(dataclasses.replace(config, vision_model_name_or_path=None))
+
+
+def test_siglip_student_and_a_separate_text_encoder(tiny_model_dirs, tiny_dataset_dir, tmp_path):
+    siglip = small_config(tiny_model_dirs["siglip"], tiny_dataset_dir, tmp_path, keep_pretrained_head=True)
+    evaluator = StudentEvaluator(siglip)
+    student = evaluator.build_student()
+    assert isinstance(student.visual_projection, torch.nn.Identity)  # SigLIP's P_v is the identity
+    run = evaluator.train_student(evaluator.pairs("random", 0), seed=0, max_steps=2)
+    assert run.steps == 2 and np.isfinite(run.validation["mean"])
+
+    # A student with its own frozen text encoder trains on the set's nearest real captions, not on the features.
+    from transformers import AutoTokenizer, VisionTextDualEncoderModel
+
+    text_dir = tmp_path / "bert"
+    dual = VisionTextDualEncoderModel.from_pretrained(tiny_model_dirs["dual_encoder"])
+    dual.text_model.save_pretrained(text_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dirs["dual_encoder"]).save_pretrained(text_dir)
+    config = small_config(
+        tiny_model_dirs["dual_encoder"], tiny_dataset_dir, tmp_path, text_model_name_or_path=str(text_dir)
+    )
+    own_text = StudentEvaluator(config)
+    synthetic = real_pairs_as_synthetic(
+        StudentEvaluator(dataclasses.replace(config, text_model_name_or_path=None))
+    )
+    pairs = own_text.synthetic_pairs(synthetic)
+    expected = own_text.text_encoder.encode_text_features([c[0] for c in synthetic.captions])
+    torch.testing.assert_close(pairs.text_features, expected)
+    tokens = own_text.text_encoder.tokenizer(synthetic.captions[0], return_tensors="pt")
+    cls = own_text.text_encoder.model(**tokens).last_hidden_state[0, 0]
+    torch.testing.assert_close(expected[0], cls)  # CLS pooling by default
+
+
+def test_compare_methods_prints_one_table_from_the_recipe(
+    clip_evaluator, tiny_clip_dir, tiny_dataset_dir, tmp_path, capsys, monkeypatch
+):
+    synthetic_dir = tmp_path / "synthetic"
+    real_pairs_as_synthetic(clip_evaluator).save_pretrained(synthetic_dir)
+    argv = [
+        "evaluate_student.py",
+        "--config", str(REPO / "recipes" / "configs" / "evaluate_tiny.yaml"),
+        "--model_name_or_path", tiny_clip_dir,
+        "--dataset_name", tiny_dataset_dir,
+        "--synthetic", str(synthetic_dir),
+        "--output_dir", str(tmp_path / "cmp"),
+        "--cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "recipes" / "evaluate_student.py"), run_name="__main__")
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    for label in (
+        "| MDM | 8 |",
+        "| Random | 8 |",
+        "| Herding | 8 |",
+        "| K-Center | 8 |",
+        "| Full train set | 48 |",
+    ):
+        assert label in printed, printed
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["MDM", "Random", "Herding", "K-Center", "Full train set"]
+    assert all(len(saved["runs"][m]) == 1 for m in ("mdm", "random", "herding", "kcenter", "full"))
+    assert (tmp_path / "cmp" / "comparison.md").read_text().strip() == format_results_table(saved)
+    assert not (tmp_path / "cmp" / "students").exists()  # the Trainer saved nothing
+
+
+def test_results_plug_into_the_synthetic_set_card(clip_evaluator, tmp_path):
+    results = {
+        "protocol": "p",
+        "metric_names": list(METRICS),
+        "rows": [
+            {
+                "method": "MDM",
+                "pairs": 8,
+                **{m: 10.0 for m in METRICS},
+                **{f"{m}_std": 1.0 for m in METRICS},
+                "seeds": 2,
+            }
+        ],
+        "notes": "n",
+        "runs": {"mdm": []},
+    }
+    table = format_results_table(results)
+    assert table.splitlines()[2] == "| MDM | 8 | " + " | ".join(["10.00 ± 1.00"] * 7) + " | 2 |"
+    synthetic = real_pairs_as_synthetic(clip_evaluator)
+    synthetic.results = evaluation.card_results(results)
+    card = str(synthetic.to_card())
+    assert "| MDM | 8 |" in card and "runs" not in synthetic.results
+
+
+def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    with pytest.raises(ValueError, match="preset must be one of"):
+        small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, preset="fast")
+    with pytest.raises(ValueError, match="method must be one of"):
+        small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, method="forgetting")
+    with pytest.raises(ValueError, match="keep_pretrained_head"):
+        small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, keep_pretrained_head=True, track="paper")
+    config = small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, num_pairs=None)
+    with pytest.raises(ValueError, match="needs a synthetic set"):
+        StudentEvaluator(config).load_synthetic()
+    with pytest.raises(ValueError, match="--num_pairs"):
+        StudentEvaluator(config).budget()
+
+
+def test_student_logit_scale_is_exponentiated_once():
+    student = evaluation.StudentModel(torch.nn.Flatten(), 12, 5, 4, temperature=0.05)
+    img, txt = torch.randn(3, 3, 2, 2), torch.randn(3, 5)
+    zi, zt = student(img, txt)
+    torch.testing.assert_close(zi.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(zt, F.normalize(txt @ student.text_projection.weight.T, dim=-1))
+    torch.testing.assert_close(student.logit_scale, torch.tensor(20.0))
