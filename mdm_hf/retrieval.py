@@ -103,15 +103,26 @@ def retrieval_ranks(
         target = sims.gather(1, t2i[s : s + chunk_size, None])
         ir[s : s + chunk_size] = (sims >= target).sum(dim=1) - 1  # minus the target itself
 
-    # Image -> text: one [chunk, N_txt] block; the best own caption is the target, others' captions compete.
+    # Image -> text: one [chunk, N_txt] block. Captions sorted by image give each chunk its own captions as
+    # one slice, so the best own score is gathered from the block itself (no [chunk, N_txt] mask or copy).
+    order = torch.argsort(t2i, stable=True)
+    counts = torch.bincount(t2i, minlength=n_img)
+    ptr = torch.zeros(n_img + 1, dtype=torch.long, device=img.device)
+    ptr[1:] = torch.cumsum(counts, dim=0)
     tr = torch.empty(n_img, dtype=torch.long, device=img.device)
     for s in range(0, n_img, chunk_size):
         sims = img[s : s + chunk_size] @ txt.t()
-        ids = torch.arange(s, s + sims.shape[0], device=img.device)
-        own = t2i[None, :] == ids[:, None]
-        best = sims.masked_fill(~own, -torch.inf).amax(dim=1, keepdim=True)
-        rank = ((sims >= best) & ~own).sum(dim=1)
-        tr[s : s + chunk_size] = torch.where(own.any(dim=1), rank, torch.full_like(rank, -1))
+        b = sims.shape[0]
+        cap = order[int(ptr[s]) : int(ptr[s + b])]
+        rows = t2i[cap] - s
+        own = sims[rows, cap]
+        best = torch.full((b,), -torch.inf, dtype=sims.dtype, device=img.device)
+        best.scatter_reduce_(0, rows, own, reduce="amax")
+        at_least = (sims >= best[:, None]).sum(dim=1)
+        own_at_least = torch.zeros(b, dtype=torch.long, device=img.device)
+        own_at_least.scatter_add_(0, rows, (own >= best[rows]).long())
+        rank = at_least - own_at_least  # only captions of other images count
+        tr[s : s + b] = torch.where(counts[s : s + b] > 0, rank, torch.full_like(rank, -1))
     return ir, tr
 
 

@@ -1,8 +1,12 @@
 """Shared offline fixtures: tiny checkpoints and datasets in the Hub layout, built once per test session."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Datasets written by the tests are cached in a throw-away dir, never in the user's ~/.cache.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mdm-hf-tests-datasets-"))
+os.environ.setdefault("MDM_HF_HOME", tempfile.mkdtemp(prefix="mdm-hf-tests-home-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
