@@ -119,6 +119,8 @@ class AnchorPretrainingConfig:
     overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
 
     def __post_init__(self) -> None:
+        if isinstance(self.validation_split, str) and self.validation_split.lower() in ("", "none", "null"):
+            self.validation_split = None  # the CLI passes strings
         if not self.dataset_name:
             raise ValueError("AnchorPretrainingConfig.dataset_name is required (a Hub id or a local dataset dir).")
         if self.image_size % self.patch_size:

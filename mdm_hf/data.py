@@ -245,7 +245,13 @@ def load_image_caption_dataset(
     if img_col is None:
         img_col = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if img_col is None:
-        img_col = _pick_column(columns, None, IMAGE_COLUMNS + ("file_name", "filepath", "image_path"), "", "")
+        img_col = _pick_column(columns, None, IMAGE_COLUMNS + ("file_name", "image_path", "filepath"), "", "")
+    if img_col == "filepath" and "filename" in columns:
+        # Karpathy records: the image lives at <image_root>/<filepath>/<filename>.
+        ds = ds.map(
+            lambda b: {"image_path": [f"{d}/{f}" for d, f in zip(b["filepath"], b["filename"])]}, batched=True
+        )
+        img_col = "image_path"
     if img_col is None:
         raise ValueError(
             f"No image column found in {name_or_path}. Columns: {columns}. Set --image_column to the column "

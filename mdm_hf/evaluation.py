@@ -144,6 +144,7 @@ class StudentConfig:
     synthetic: str | None = _f(
         None, "Synthetic set to evaluate (dir or Hub id of a SyntheticSet), method 'mdm'."
     )
+    synthetic_revision: str | None = _f(None, "Revision of the synthetic set on the Hub.")
     method: str = _f(
         "mdm", "Training data: mdm (the synthetic set) | random | herding | kcenter | kmeans | full."
     )
@@ -191,6 +192,11 @@ class StudentConfig:
         None,
         "Give the student a fresh visual projection (default: yes on the clip track, no on the paper track).",
     )
+    text_head: str | None = _f(
+        None,
+        "Text projection: linear | mlp (Linear-GELU-Linear-dropout + residual, LayerNorm; the paper track's "
+        "'projection head'). None: mlp on the paper track, linear on the clip track.",
+    )
     projection_dim: int | None = _f(
         None, "Shared embedding size (default: teacher's, or the image feature size)."
     )
@@ -231,6 +237,7 @@ class StudentConfig:
         "student_eval", "Where JSON results and the table are written (None: nowhere)."
     )
     save_students: bool = _f(False, "Save each selected student (safetensors) under output_dir/students/.")
+    num_workers: int = _f(0, "DataLoader workers (only useful when images are decoded lazily).")
     use_cpu: bool | None = _f(None, "Force CPU (default: CPU when no CUDA device is present).")
     logging_steps: int = _f(10, "Log the training loss every N steps.")
     progress: bool = _f(False, "Show the Trainer's progress bar.")
@@ -249,6 +256,7 @@ class StudentConfig:
             "optimizer": ("sgd", "adamw", "adam"),
             "lr_scheduler": ("constant", "step", "cosine"),
             "augment_mode": ("single", "all"),
+            "text_head": ("linear", "mlp", None),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -273,10 +281,14 @@ class StudentConfig:
             )
         if self.save_students and not self.output_dir:
             raise ValueError("save_students=True needs an output_dir to save the students in.")
-        if self.keep_pretrained_head and (self.track != "clip" or self.text_model_name_or_path is not None):
+        own_towers = self.vision_model_name_or_path in (None, self.model_name_or_path)
+        if self.keep_pretrained_head and (
+            self.track != "clip" or self.text_model_name_or_path is not None or not own_towers
+        ):
             raise ValueError(
-                "keep_pretrained_head=True needs the clip track with the checkpoint's own text tower (the head "
-                "only fits the towers it was trained with). Drop --text_model_name_or_path or the flag."
+                "keep_pretrained_head=True needs the clip track with the teacher's own vision and text towers (a "
+                "head only fits the towers it was trained with). Drop --vision_model_name_or_path / "
+                "--text_model_name_or_path, or the flag."
             )
 
     @property
@@ -379,6 +391,22 @@ class PretrainedHead:
     logit_scale: float  # the raw (log) parameter
 
 
+class ProjectionHead(nn.Module):
+    """``LayerNorm(p + Dropout(Linear(GELU(p))))`` with ``p = Linear(x)``: the MLP text head of the VL-distillation
+    students (LoRS / MDM paper track), as opposed to CLIP's single linear projection."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.projection(x)
+        return self.norm(p + self.dropout(self.fc(F.gelu(p))))
+
+
 class StudentModel(nn.Module):
     """Vision tower + projections + temperature; text enters as frozen features ``e`` (``[B, D_text]``).
 
@@ -397,6 +425,7 @@ class StudentModel(nn.Module):
         temperature: float = 0.07,
         learn_temperature: bool = True,
         head: PretrainedHead | None = None,
+        text_head: str = "linear",
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -417,7 +446,11 @@ class StudentModel(nn.Module):
             self.visual_projection = (
                 nn.Linear(vision_dim, projection_dim, bias=False) if visual_projection else nn.Identity()
             )
-            self.text_projection = nn.Linear(text_dim, projection_dim, bias=False)
+            self.text_projection = (
+                ProjectionHead(text_dim, projection_dim)
+                if text_head == "mlp"
+                else nn.Linear(text_dim, projection_dim, bias=False)
+            )
             init_scale = math.log(1.0 / temperature)
         self.log_logit_scale = nn.Parameter(torch.tensor(float(init_scale)), requires_grad=learn_temperature)
 
@@ -940,7 +973,9 @@ class StudentEvaluator:
                     "Method 'mdm' needs a synthetic set: pass --synthetic <dir or Hub id> (a SyntheticSet saved with "
                     "save_pretrained / push_to_hub)."
                 )
-            self._synthetic = SyntheticSet.from_pretrained(self.config.synthetic)
+            self._synthetic = SyntheticSet.from_pretrained(
+                self.config.synthetic, self.config.synthetic_revision
+            )
         return self._synthetic
 
     def synthetic_pairs(self, synthetic) -> PairDataset:
@@ -970,7 +1005,13 @@ class StudentEvaluator:
     def pairs(self, method: str, seed: int, synthetic=None) -> PairDataset:
         """Training pairs of a method: the synthetic set, a K-pair coreset (seeded) or the full train split."""
         if method == "mdm":
-            return self.synthetic_pairs(synthetic if synthetic is not None else self.load_synthetic())
+            synthetic = synthetic if synthetic is not None else self.load_synthetic()
+            if self.config.num_pairs is not None and self.config.num_pairs != len(synthetic):
+                raise ValueError(
+                    f"num_pairs={self.config.num_pairs} but the synthetic set has {len(synthetic)} pairs: methods "
+                    "are only comparable at the same K. Drop --num_pairs (the set's size is used) or match it."
+                )
+            return self.synthetic_pairs(synthetic)
         train = self.train_split()
         if method == "full":
             return PairDataset(train["images"], train["caption_to_image"], train["text_features"])
@@ -1012,6 +1053,7 @@ class StudentEvaluator:
             temperature=cfg.temperature,
             learn_temperature=cfg.learn_temperature,
             head=head,
+            text_head=cfg.text_head or ("mlp" if cfg.track == "paper" else "linear"),
         )
 
     def train_student(
@@ -1061,7 +1103,7 @@ class StudentEvaluator:
                 logging_strategy="steps" if cfg.logging_steps > 0 else "no",
                 logging_steps=max(1, cfg.logging_steps),
                 use_cpu=use_cpu,
-                dataloader_num_workers=0,
+                dataloader_num_workers=cfg.num_workers,
                 dataloader_pin_memory=not use_cpu,
                 remove_unused_columns=False,
                 disable_tqdm=not cfg.progress,

@@ -119,9 +119,7 @@ class ExpertTrainingConfig:
     hub_model_id: str | None = _f(None, "namespace/name of the model repo to push the bank to.")
     hub_private: bool | None = _f(None, "Create the Hub repo as private.")
 
-    def __post_init__(self) -> None:
-        checks = {
-            "num_experts": self.num_experts >= 1,
+XX: self.num_experts >= 1,
             "num_epochs": self.num_epochs >= 1,
             "lora_r": self.lora_r >= 1,
             "lora_alpha": self.lora_alpha > 0,

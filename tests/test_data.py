@@ -389,3 +389,29 @@ def test_pair_dataset_items(clip, tiny_dataset_dir):
         torch.testing.assert_close(from_cache["pixel_values"], expected, atol=1e-6, rtol=0)
     batch = next(iter(torch.utils.data.DataLoader(pairs, batch_size=4)))
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["caption_index"].tolist() == [0, 1, 2, 3]
+
+
+def test_karpathy_records_with_image_paths_resolve_against_image_root(tmp_path):
+    import datasets
+
+    from mdm_hf.testing import toy_records
+
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    recs = toy_records(6, 2)
+    for i, rec in enumerate(recs):
+        rec["image"].save(root / "train2014" / f"img{i}.png")
+    ds = datasets.Dataset.from_dict(
+        {
+            "filepath": ["train2014"] * 6,
+            "filename": [f"img{i}.png" for i in range(6)],
+            "sentences": [r["captions"] for r in recs],
+            "split": ["train", "train", "val", "test", "restval", "train"],
+        }
+    )
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    split = load_image_caption_dataset(str(tmp_path / "repo"), "train", image_root=str(root))
+    assert (split.num_images, split.num_captions) == (4, 8)  # train + restval rows
+    expected = recs[4]["image"].convert("RGB")  # rows 0, 1, 4, 5 are train/restval: split image 2 is row 4
+    assert list(split.image(2).getdata()) == list(expected.getdata())

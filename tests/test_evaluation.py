@@ -316,7 +316,8 @@ def test_paper_track_cross_architecture_student(tiny_model_dirs, tiny_dataset_di
     student = evaluator.build_student()
     assert type(student.vision.model).__name__ == "ResNetModel"
     assert isinstance(student.visual_projection, torch.nn.Identity)  # paper: the text side projects
-    assert student.text_projection.weight.shape == (16, evaluator.teacher.text_feature_dim)
+    assert isinstance(student.text_projection, evaluation.ProjectionHead)  # the paper track's MLP text head
+    assert student.text_projection.projection.weight.shape == (16, evaluator.teacher.text_feature_dim)
     assert not student.log_logit_scale.requires_grad  # tau fixed at 0.07
     record = evaluator.run("kcenter", 0)
     assert record["steps"] == 4 and [h["step"] for h in record["validation_history"]] == [0, 1, 2, 3, 4]
@@ -415,6 +416,11 @@ def test_results_plug_into_the_synthetic_set_card(clip_evaluator, tmp_path):
     assert "| MDM | 8 |" in card and "runs" not in synthetic.results
 
 
+class _FakeSet:
+    def __len__(self) -> int:
+        return 8
+
+
 def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="preset must be one of"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, preset="fast")
@@ -423,6 +429,8 @@ def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_p
     with pytest.raises(ValueError, match="keep_pretrained_head"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, keep_pretrained_head=True, track="paper")
     config = small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, num_pairs=None)
+    with pytest.raises(ValueError, match="only comparable at the same K"):
+        StudentEvaluator(dataclasses.replace(config, num_pairs=3)).pairs("mdm", 0, synthetic=_FakeSet())
     with pytest.raises(ValueError, match="needs a synthetic set"):
         StudentEvaluator(config).load_synthetic()
     with pytest.raises(ValueError, match="--num_pairs"):
@@ -436,3 +444,13 @@ def test_student_logit_scale_is_exponentiated_once():
     torch.testing.assert_close(zi.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(zt, F.normalize(txt @ student.text_projection.weight.T, dim=-1))
     torch.testing.assert_close(student.logit_scale, torch.tensor(20.0))
+
+
+def test_projection_head_matches_its_formula():
+    torch.manual_seed(0)
+    head = evaluation.ProjectionHead(5, 4).eval()  # eval: dropout off
+    x = torch.randn(3, 5)
+    p = x @ head.projection.weight.T + head.projection.bias
+    h = p + (F.gelu(p) @ head.fc.weight.T + head.fc.bias)
+    expected = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(head(x), expected * head.norm.weight + head.norm.bias)
