@@ -118,9 +118,13 @@ def computed_clip_b32(r: int, grids: list[tuple[int, int]]) -> dict:
     lora_params = sum(math.prod(s) for n, s in adapter.items() if ".lora_" in n)
     projection_params = sum(math.prod(s) for n, s in adapter.items() if ".lora_" not in n)
     adapter_bytes = safetensors_file_bytes(adapter)
-    trainable_full = [n for n in params if n.startswith(("vision_model.", "visual_projection.", "text_projection."))]
+    trainable_full = [
+        n for n in params if n.startswith(("vision_model.", "visual_projection.", "text_projection."))
+    ]
     full_expert_params = sum(params[n].numel() for n in trainable_full)
-    full_expert_bytes = safetensors_file_bytes({n: tuple(params[n].shape) for n in trainable_full}, {"format": "pt"})
+    full_expert_bytes = safetensors_file_bytes(
+        {n: tuple(params[n].shape) for n in trainable_full}, {"format": "pt"}
+    )
     whole_bytes = safetensors_file_bytes({n: tuple(p.shape) for n, p in params.items()}, {"format": "pt"})
     rows = []
     for n, e in grids:
@@ -132,8 +136,14 @@ def computed_clip_b32(r: int, grids: list[tuple[int, int]]) -> dict:
     return {
         "model": "CLIP ViT-B/32 (transformers CLIPConfig() defaults)",
         "total_parameters": total,
-        "lora": {"r": r, "target_modules": regex, "modules_to_save": saved, "lora_parameters": lora_params,
-                 "projection_parameters": projection_params, "adapter_file_bytes": adapter_bytes},  # fmt: skip
+        "lora": {
+            "r": r,
+            "target_modules": regex,
+            "modules_to_save": saved,
+            "lora_parameters": lora_params,
+            "projection_parameters": projection_params,
+            "adapter_file_bytes": adapter_bytes,
+        },  # fmt: skip
         "full_expert": {"parameters": full_expert_params, "file_bytes": full_expert_bytes},
         "whole_model_checkpoint_bytes": whole_bytes,
         "grid": rows,
@@ -203,17 +213,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_epochs", type=int, default=3)
     parser.add_argument("--no_write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # sizes do not depend on speed; tiny models run fastest on one thread
     r = ExpertTrainingConfig.__dataclass_fields__["lora_r"].default
     results = {
-        "command": "python benchmarks/expert_bank_size.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "transformers": transformers.__version__, "peft": peft.__version__},  # fmt: skip
+        "command": " ".join(
+            ["python benchmarks/expert_bank_size.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },  # fmt: skip
         "num_experts": args.num_experts,
         "num_epochs": args.num_epochs,
         "lora_r": r,
         "measured_tiny": measured_tiny(args.num_experts, args.num_epochs),
-        "computed_clip_vit_b32": computed_clip_b32(r, [(args.num_experts, args.num_epochs), (4, 5), (20, 11)]),
+        "computed_clip_vit_b32": computed_clip_b32(
+            r, [(args.num_experts, args.num_epochs), (4, 5), (20, 11)]
+        ),
     }
     text = markdown(results)
     print(text)

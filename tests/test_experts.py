@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mdm_hf import testing
+from mdm_hf.anchor import recall_at_1
 from mdm_hf.experts import (
     ExpertTrainingConfig,
     check_anchor,
@@ -21,8 +22,6 @@ from mdm_hf.experts import (
     lora_target_regex,
     push_expert_bank,
     read_manifest,
-    recall_at_1,
-    train_expert_bank,
 )
 from mdm_hf.models import DualEncoder
 
@@ -34,8 +33,17 @@ def _tiny_args(model_dir, dataset_dir, out, *extra) -> list[str]:
             str(dataset_dir), "--output_dir", str(out), "--cache_dir", str(Path(out).parent / "cache"), *extra]  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine spinning threads cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def banks(tiny_model_dirs, tiny_dataset_dir, tmp_path_factory) -> dict:
+def banks(_one_thread, tiny_model_dirs, tiny_dataset_dir, tmp_path_factory) -> dict:
     """2 experts x 2 epochs for CLIP and SigLIP through the CLI entry point, plus a full-weight CLIP bank."""
     root = tmp_path_factory.mktemp("banks")
     out = {}
@@ -79,11 +87,17 @@ def test_lora_targets_are_the_vision_attention_layers_only(family, tiny_model_di
     regex = lora_target_regex(model)
     hits = [n for n, _ in model.named_modules() if re.fullmatch(regex, n)]
     expected = [
-        f"vision_model.encoder.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+        f"vision_model.encoder.layers.{i}.self_attn.{p}"
+        for i in range(2)
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj")
     ]
     assert sorted(hits) == sorted(expected)  # not the text tower, not SigLIP's pooling head's out_proj
-    with_mlp = [n for n, _ in model.named_modules() if re.fullmatch(lora_target_regex(model, ["fc1", "q_proj"]), n)]
-    assert sorted(with_mlp) == sorted(f"vision_model.encoder.layers.{i}.{p}" for i in range(2) for p in ("mlp.fc1", "self_attn.q_proj"))
+    with_mlp = [
+        n for n, _ in model.named_modules() if re.fullmatch(lora_target_regex(model, ["fc1", "q_proj"]), n)
+    ]
+    assert sorted(with_mlp) == sorted(
+        f"vision_model.encoder.layers.{i}.{p}" for i in range(2) for p in ("mlp.fc1", "self_attn.q_proj")
+    )
     with pytest.raises(ValueError, match="query_proj"):
         lora_target_regex(model, ["query_proj"])
 
@@ -112,7 +126,10 @@ def test_bank_layout_manifest_and_card(family, banks, tiny_model_dirs):
         for ep in expert["epochs"]:
             assert math.isfinite(ep["train_loss"]) and 0 <= ep["validation"]["mean"] <= 100
             files = sorted(p.name for p in (bank / ep["path"]).iterdir())
-            assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no pickle, no peft stub card
+            assert files == [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+            ]  # no pickle, no peft stub card
             keys = load_file(str(bank / ep["path"] / "adapter_model.safetensors")).keys()
             assert not any(k.startswith("base_model.model.text_model.") and ".lora_" in k for k in keys)
             assert any(k.endswith(f"{expected_saved[0]}.weight") for k in keys)
@@ -137,7 +154,9 @@ def test_lora_offsets_equal_peft_merge_and_unload(family, banks, tiny_model_dirs
     for expert in manifest["experts"]:
         for ep in expert["epochs"]:
             deltas = lora_epoch_deltas(banks[family] / ep["path"], anchor_params, manifest["anchor"])
-            merged = PeftModel.from_pretrained(_anchor(tiny_model_dirs[family]).model, str(banks[family] / ep["path"]))
+            merged = PeftModel.from_pretrained(
+                _anchor(tiny_model_dirs[family]).model, str(banks[family] / ep["path"])
+            )
             merged = dict(merged.merge_and_unload().named_parameters())
             assert set(merged) == set(anchor_params)
             changed = {n for n in merged if not torch.equal(merged[n], anchor_params[n])}
@@ -156,15 +175,17 @@ def _hand_merge_lora(family, bank, draws, tiny_model_dirs, alpha):
     manifest = read_manifest(bank)
     anchor_sd = {n: p.detach().clone() for n, p in _anchor(tiny_model_dirs[family]).model.named_parameters()}
     experts = []
-    for expert_index, epoch_index in draws:
-        path = bank / manifest["experts"][expert_index]["epochs"][epoch_index]["path"]
-        model = PeftModel.from_pretrained(_anchor(tiny_model_dirs[family]).model, str(path)).merge_and_unload()
+    for expert_index, epoch in draws:  # epochs are 1-based, as ExpertBank.sample draws them
+        path = bank / manifest["experts"][expert_index]["epochs"][epoch - 1]["path"]
+        model = PeftModel.from_pretrained(
+            _anchor(tiny_model_dirs[family]).model, str(path)
+        ).merge_and_unload()
         experts.append({n: p.detach().clone() for n, p in model.named_parameters()})
     return anchor_sd, model_stock_merge(anchor_sd, experts, alpha)
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-@pytest.mark.parametrize("draws", [[(0, 1), (1, 0)], [(1, 1), (1, 0)], [(0, 0), (1, 1), (0, 1)]])
+@pytest.mark.parametrize("draws", [[(0, 2), (1, 1)], [(1, 2), (1, 1)], [(0, 1), (1, 2), (0, 2)]])
 def test_mixed_teacher_from_reloaded_bank_equals_hand_merge(family, draws, banks, tiny_model_dirs):
     alpha = 0.5
     anchor = _anchor(tiny_model_dirs[family])
@@ -196,13 +217,15 @@ def test_full_weight_experts_same_format_and_merge(banks, tiny_model_dirs):
     assert set(load_file(str(epoch_dir / "model.safetensors"))) == trained
     assert (bank_dir / "README.md").read_text().count("full-weight") >= 1
 
-    draws = [(0, 1), (1, 0)]
+    draws = [(0, 2), (1, 1)]
     bank = load_expert_bank(bank_dir, anchor)
     state, _ = bank.merged_state(draws, alpha=1.0)
     anchor_sd = {n: p.detach().clone() for n, p in anchor.model.named_parameters()}
     experts = []
     for e, k in draws:
-        tensors = load_file(str(bank_dir / manifest["experts"][e]["epochs"][k]["path"] / "model.safetensors"))
+        tensors = load_file(
+            str(bank_dir / manifest["experts"][e]["epochs"][k - 1]["path"] / "model.safetensors")
+        )
         experts.append({**anchor_sd, **tensors})
     expected = model_stock_merge(anchor_sd, experts, 1.0)
     for name, tensor in expected.items():
@@ -213,11 +236,15 @@ def test_full_weight_experts_same_format_and_merge(banks, tiny_model_dirs):
 # ---------------------------------------------------------------------------------------------- validation
 def test_bank_from_another_anchor_is_refused(banks, tiny_model_dirs, tmp_path):
     other_dir = testing.build_tiny_clip(tmp_path / "other-clip", seed=1)  # same architecture, other weights
-    with pytest.raises(ValueError, match=r"trained from '.*clip'.*but the anchor is '.*other-clip'.*different weights"):
+    with pytest.raises(
+        ValueError, match=r"trained from '.*clip'.*but the anchor is '.*other-clip'.*different weights"
+    ):
         load_expert_bank(banks["clip"], _anchor(other_dir))
     with pytest.raises(ValueError, match="siglip bank cannot be applied to a clip model"):
         load_expert_bank(banks["siglip"], _anchor(tiny_model_dirs["clip"]))
-    bigger = testing.build_tiny_clip(tmp_path / "clip-48px", image_size=48)  # other shapes (position embeddings)
+    bigger = testing.build_tiny_clip(
+        tmp_path / "clip-48px", image_size=48
+    )  # other shapes (position embeddings)
     with pytest.raises(ValueError, match="differ in names or shapes"):
         load_expert_bank(banks["clip"], _anchor(bigger))
 
@@ -267,7 +294,11 @@ def test_rslora_and_rank_patterns_use_peft_scaling(tiny_clip_dir, tmp_path):
     v = deltas["vision_model.encoder.layers.0.self_attn.v_proj.weight"]
     assert q.lora_A.shape[0] == 2 and q.scale == pytest.approx(6 / math.sqrt(2))
     assert v.scale == pytest.approx(3 / math.sqrt(4))
-    merged = dict(PeftModel.from_pretrained(_anchor(tiny_clip_dir).model, str(tmp_path / "ad")).merge_and_unload().named_parameters())
+    merged = dict(
+        PeftModel.from_pretrained(_anchor(tiny_clip_dir).model, str(tmp_path / "ad"))
+        .merge_and_unload()
+        .named_parameters()
+    )
     for name, delta in deltas.items():
         torch.testing.assert_close(params[name] + delta.dense(), merged[name], rtol=1e-5, atol=1e-6)
 
@@ -291,7 +322,9 @@ def test_push_uploads_a_model_repo_without_the_token(banks, tmp_path, monkeypatc
 
     def upload_folder(self, folder_path, repo_id, **kwargs):
         calls["upload"] = {"repo_id": repo_id, **kwargs}
-        calls["files"] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        calls["files"] = sorted(
+            str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
+        )
         calls["contents"] = b"".join(p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file())
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
@@ -325,11 +358,16 @@ def test_distiller_runs_from_a_bank_made_by_the_recipe(banks, tiny_clip_dir, tin
 
 def _train_in_process(model_dir, dataset_dir, out_dir):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
     from mdm_hf.experts import train_expert
 
     torch.set_num_threads(1)
+    # A forked child inherits the parent's single-process accelerate state (other tests made an Accelerator).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
     acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2
     cfg = ExpertTrainingConfig(
         model_name_or_path=model_dir, dataset_name=dataset_dir, num_experts=1, num_epochs=1, lora_r=4,
         learning_rate=1e-2, per_device_train_batch_size=4, max_train_images=16, validation_split=None,
@@ -340,8 +378,12 @@ def _train_in_process(model_dir, dataset_dir, out_dir):
     anchor = _anchor(model_dir)
     data = load_image_caption_dataset(dataset_dir, "train", max_images=16)
     feats = anchor.encode_text_features(data.captions)
-    _, encoder = train_expert(cfg, 0, anchor, data, feats, preprocess_split_images(anchor, data), acc, out_dir / "bank")
-    trained = {n: p.detach().cpu().contiguous() for n, p in encoder.model.named_parameters() if p.requires_grad}
+    _, encoder = train_expert(
+        cfg, 0, anchor, data, feats, preprocess_split_images(anchor, data), acc, out_dir / "bank"
+    )
+    trained = {
+        n: p.detach().cpu().contiguous() for n, p in encoder.model.named_parameters() if p.requires_grad
+    }
     from safetensors.torch import save_file
 
     save_file(trained, str(out_dir / f"rank{acc.process_index}.safetensors"))
