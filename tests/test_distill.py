@@ -127,3 +127,49 @@ def test_validation_hook_keeps_best_state_and_stops_early(tiny_clip_dir, tiny_da
     assert [s for s, _ in seen] == [2, 4, 6, 8]  # stopped after two evaluations without improvement
     assert distiller.state.best_step == 4
     assert torch.equal(best.pixel_values, seen[1][1])
+
+
+def _random_lora_bank(teacher, num_experts=2, num_epochs=2, rank=2):
+    from mdm_hf.merge import ExpertBank, LowRankDelta
+
+    params = dict(teacher.model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    targets = [n for n in params if n.startswith("vision_model.") and n.endswith("q_proj.weight")]
+    experts = []
+    for _ in range(num_experts):
+        epochs = []
+        for _ in range(num_epochs):
+            deltas = {
+                n: LowRankDelta(
+                    torch.randn(rank, params[n].shape[1], generator=gen) * 0.1,
+                    torch.randn(params[n].shape[0], rank, generator=gen) * 0.1,
+                    scale=2.0,
+                )
+                for n in targets
+            }
+            proj = "visual_projection.weight" if "visual_projection.weight" in params else targets[0]
+            deltas[proj] = torch.randn(params[proj].shape, generator=gen) * 0.05
+            epochs.append(deltas)
+        experts.append(epochs)
+    return ExpertBank({k: v.detach().clone() for k, v in params.items()}, experts)
+
+
+@pytest.mark.parametrize("mode", ["fresh", "pooled"])
+def test_mixed_teachers_from_an_expert_bank(mode, tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    from mdm_hf.models import DualEncoder
+
+    teacher = DualEncoder.from_pretrained(tiny_clip_dir)
+    anchor = {k: v.detach().clone() for k, v in teacher.model.named_parameters()}
+    bank = _random_lora_bank(teacher)
+    cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", teacher_mode=mode, teacher_pool_size=3)
+    distiller = MDMDistiller(cfg, teacher=teacher, expert_bank=bank)
+    synthetic = distiller.distill()
+    assert torch.isfinite(synthetic.pixel_values).all()
+    # the teacher now holds a mixed state: touched tensors moved away from the anchor, untouched ones did not
+    params = dict(teacher.model.named_parameters())
+    touched = set(bank.touched_keys)
+    assert any(not torch.equal(params[k], anchor[k]) for k in touched)
+    assert all(torch.equal(params[k], anchor[k]) for k in anchor if k not in touched)
+    if mode == "pooled":
+        assert len(distiller.pool) == 3
+        assert distiller.pool[0]["zv"].shape[0] == distiller.train_data.num_captions

@@ -109,9 +109,8 @@ def test_gke_gradients_finite_for_duplicates_and_antipodes():
 
 def test_gke_half_precision_inputs_are_computed_in_float32():
     a = torch.randn(4, 8, generator=torch.Generator().manual_seed(3)).bfloat16().requires_grad_(True)
-    value = geodesic_kernel_energy(
-        a, a.detach()
-    )  # identical points: arccos at 1 in bfloat16 would be infinite
+    # identical points: arccos at 1 in bfloat16 would have an infinite gradient
+    value = geodesic_kernel_energy(a, a.detach())
     value.backward()
     assert value.dtype == torch.float32 and _finite_grads(a)
 
@@ -218,9 +217,8 @@ def test_clip_contrastive_loss_matches_loop():
     zt2 = zt.clone()
     zt2[0] = zv[1]
     assert clip_contrastive_loss(zv, zt2, 3.0).item() == pytest.approx(_clip_loop(zv, zt2, 3.0), rel=1e-10)
-    scale = torch.tensor(
-        10.0, dtype=torch.float64, requires_grad=True
-    )  # a learnable multiplier gets its gradient
+    # a learnable multiplier gets its gradient
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
     clip_contrastive_loss(zv, zt, scale).backward()
     assert scale.grad is not None and scale.grad != 0
 
