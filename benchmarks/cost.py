@@ -136,6 +136,7 @@ def make_distiller(teacher, bank, num_pairs: int, num_real: int, mode: str, pool
     d.syn_pixels = d.real_pixels(chosen).clone().requires_grad_(True)
     d.syn_text = d.text_features[chosen].clone().requires_grad_(True)
     d._build_optimizer()
+    d._generator = torch.Generator().manual_seed(1)
     if mode == "pooled":
         d._build_pool()
     return d

@@ -42,7 +42,7 @@ def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: 
         if unknown:
             raise SystemExit(f"{known.config}: unknown keys {unknown}. Valid keys: {sorted(fields)}")
         parser.set_defaults(**values)
-    (config,) = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+    config = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[0]
     return config
 
 

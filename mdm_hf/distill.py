@@ -246,6 +246,7 @@ class MDMDistiller:
         self.syn_pixels = self.real_pixels(chosen).detach().clone().requires_grad_(True)
         self.syn_text = self.text_features[chosen].to(self.accelerator.device).clone().requires_grad_(True)
         self._build_optimizer()
+        self._generator = torch.Generator().manual_seed(cfg.seed + 1)  # the loop's draws: teachers, batches
         return chosen
 
     def _build_optimizer(self) -> None:
@@ -355,7 +356,6 @@ class MDMDistiller:
         self.setup()
         resume = self._resolve_resume()
         self.initialize()
-        self._generator = torch.Generator().manual_seed(cfg.seed + 1)
         self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
         if resume is not None:
             self.load_checkpoint(resume)

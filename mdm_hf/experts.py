@@ -181,17 +181,18 @@ def anchor_fingerprint(model: nn.Module) -> dict:
     The exact hash recognises the same checkpoint under another name (a local snapshot of a Hub id); the shape hash
     and the per-tensor statistics (tolerant to loading in another dtype) tell *how* another anchor differs.
     """
-    shapes, stats, values = [], {}, hashlib.sha256()
+    shapes, stats, values = {}, {}, hashlib.sha256()
     for name, param in model.named_parameters():
-        shapes.append([name, list(param.shape)])
+        shapes[name] = list(param.shape)
         tensor = param.detach().to("cpu", torch.float32).contiguous()
         values.update(name.encode())
         values.update(tensor.numpy().tobytes())
         stats[name] = float(f"{tensor.abs().mean().item():.7g}")
     return {
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
-        "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+        "shapes_sha256": hashlib.sha256(json.dumps(list(shapes.items())).encode()).hexdigest(),
         "weights_sha256": values.hexdigest(),
+        "shapes": shapes,
         "weight_stats": stats,
     }
 
@@ -220,13 +221,16 @@ def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> 
     if now["weights_sha256"] == bank_anchor.get("weights_sha256"):
         return
     if now["shapes_sha256"] != bank_anchor.get("shapes_sha256"):
-        params = dict(anchor.model.named_parameters())
-        stats = bank_anchor.get("weight_stats", {})
-        missing = [n for n in stats if n not in params][:3]
-        extra = [n for n in params if n not in stats][:3]
+        old_shapes, new_shapes = bank_anchor.get("shapes", {}), now["shapes"]
+        missing = [n for n in old_shapes if n not in new_shapes][:3]
+        extra = [n for n in new_shapes if n not in old_shapes][:3]
+        resized = [f"{n} {old_shapes[n]} vs {v}" for n, v in new_shapes.items() if old_shapes.get(n, v) != v][
+            :3
+        ]
         raise ValueError(
-            f"{head}, and their tensors differ in names or shapes (e.g. only in the bank: {missing}; only in the "
-            f"anchor: {extra}; {bank_anchor.get('num_parameters')} vs {now['num_parameters']} parameters). {fix}"
+            f"{head}, and their tensors differ in names or shapes (only in the bank's anchor: {missing}; only in "
+            f"the anchor: {extra}; other shapes: {resized}; {bank_anchor.get('num_parameters')} vs "
+            f"{now['num_parameters']} parameters). {fix}"
         )
     old = bank_anchor.get("weight_stats", {})
     differing = [
@@ -240,11 +244,8 @@ def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> 
             f"{differing[0]}: mean |w| {old.get(differing[0])} in the bank's anchor vs "
             f"{now['weight_stats'][differing[0]]}). {fix}"
         )
-    same_id = (bank_anchor.get("name_or_path"), bank_anchor.get("revision")) == (
-        anchor.name_or_path,
-        anchor.revision,
-    )
-    if not same_id:
+    trained_id = (bank_anchor.get("name_or_path"), bank_anchor.get("revision"))
+    if trained_id != (anchor.name_or_path, anchor.revision):
         raise ValueError(
             f"{head}: same architecture and nearly the same weights, but not identical (a fine-tuned copy or another "
             f"revision?). {fix}"

@@ -23,6 +23,7 @@ merged tensor needs one matmul of rank ``k·r``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def _inner(x: Delta | None, y: Delta | None) -> torch.Tensor | None:
         x, y = y, x
     if isinstance(y, LowRankDelta):  # <D, sBA> = s Σ A ⊙ (Bᵀ D)
         return y.scale * (y.lora_A * (y.lora_B.T @ x)).sum()
-    return (x.reshape(-1) * y.reshape(-1)).sum()
+    return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
 def _stock_one(
@@ -103,28 +104,28 @@ def _stock_one(
     k = len(offsets)
     dtype = torch.float64 if w0.dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=dtype, device=w0.device)
-    sq = [_inner(d, d) for d in offsets]
-    norms = [zero if s is None else s.clamp_min(0).sqrt() for s in sq]
+    norms = [zero if d is None else _inner(d, d).clamp_min(0).sqrt() for d in offsets]
     pair_cos = []
-    for i in range(k):
-        for j in range(i + 1, k):
-            dot, denom = _inner(offsets[i], offsets[j]), norms[i] * norms[j]
-            # A zero offset has no direction: its pairs count as orthogonal (cos 0).
-            pair_cos.append(
-                zero if dot is None else torch.where(denom > 0, dot / denom.clamp_min(1e-300), zero)
-            )
+    for i, j in itertools.combinations(range(k), 2):
+        dot, denom = _inner(offsets[i], offsets[j]), norms[i] * norms[j]
+        # A zero offset has no direction: its pairs count as orthogonal (cos 0).
+        safe = None if dot is None else dot / denom.clamp_min(torch.finfo(dtype).tiny)
+        pair_cos.append(zero if dot is None else torch.where(denom > 0, safe, zero))
     cos = torch.stack(pair_cos).clamp(-1.0, 1.0).mean()
     t = model_stock_ratio(cos, k)
     dense = [d for d in offsets if isinstance(d, torch.Tensor)]
     low = [d for d in offsets if isinstance(d, LowRankDelta)]
-    total = torch.zeros(w0.shape, dtype=dtype, device=w0.device)
-    if dense:
-        total = total + torch.stack([d.reshape(w0.shape) for d in dense]).sum(0)
-    if low:  # Σ s_i B_i A_i as one matmul of rank Σ r_i
-        total = total + torch.cat([d.scale * d.lora_B for d in low], 1) @ torch.cat(
-            [d.lora_A for d in low], 0
-        )
-    merged = w0.to(dtype) + (alpha * t / k) * total
+    # Σ_i d_i in as few full-size passes as possible: Σ s_i B_i A_i is one matmul of rank Σ r_i.
+    total = (
+        torch.cat([d.scale * d.lora_B for d in low], 1) @ torch.cat([d.lora_A for d in low], 0)
+        if low
+        else None
+    )
+    for d in dense:
+        total = d.reshape(w0.shape).clone() if total is None else total.add_(d.reshape(w0.shape))
+    if total is None:
+        total = torch.zeros(w0.shape, dtype=dtype, device=w0.device)
+    merged = total.mul_(alpha * t / k).add_(w0.to(dtype))
     return merged.to(w0.dtype), t
 
 

@@ -225,7 +225,7 @@ def test_bank_install_is_in_place_and_restore_is_exact():
     net = _net()
     before = {k: v.detach().clone() for k, v in net.state_dict().items()}
     ptrs = {k: p.data_ptr() for k, p in net.named_parameters()}
-    bank = _bank(net)
+    bank = _bank(net).to("cpu")
     info = bank.draw(net, torch.Generator().manual_seed(1), k=2, alpha=0.5)
     state, ratios = bank.merged_state(info["draws"], alpha=0.5)
     assert info["mean_t"] == pytest.approx(sum(ratios.values()) / len(ratios))
