@@ -61,8 +61,54 @@ def _distill(argv: Sequence[str]) -> int:
     return 0
 
 
+def _experts(argv: Sequence[str]) -> int:
+    from .experts import experts_main
+
+    return experts_main(argv)
+
+
+def _anchor(argv: Sequence[str]) -> int:
+    from .anchor import anchor_main
+
+    return anchor_main(argv)
+
+
+def _evaluate(argv: Sequence[str]) -> int:
+    from .evaluation import evaluate_main
+
+    return evaluate_main(argv)
+
+
+def _data(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mdm-hf data", description="Build datasets offline.")
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    emoji = sub.add_parser("emojicaps", help="EmojiCaps: Twemoji/OpenMoji art captioned with emoji names.")
+    emoji.add_argument("--output_dir", default=None, help="Default: $MDM_HF_HOME/emojicaps-<size>px")
+    emoji.add_argument("--image_size", type=int, default=48)
+    emoji.add_argument("--seed", type=int, default=0)
+    emoji.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    from .emojicaps import build_emojicaps, default_emojicaps_dir
+
+    out = args.output_dir or default_emojicaps_dir(args.image_size)
+    path = build_emojicaps(out, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite)
+    print(f"EmojiCaps is in {path}; open it with datasets.load_dataset('{path}').")
+    return 0
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from .demo import demo_main
+
+    return demo_main(argv)
+
+
 COMMANDS = {
     "distill": (_distill, "Distill a dataset into synthetic pairs with MDM."),
+    "experts": (_experts, "Train LoRA (or full) experts from an anchor into an expert bank."),
+    "anchor": (_anchor, "Pre-train a small dual-encoder anchor (vision tower + frozen text encoder)."),
+    "evaluate": (_evaluate, "Train students on a synthetic set or coresets; validation-selected, test once."),
+    "data": (_data, "Build a dataset offline (emojicaps)."),
+    "demo": (_demo, "The whole pipeline offline on EmojiCaps: anchor, experts, MDM, students, card."),
 }
 
 

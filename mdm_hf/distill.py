@@ -146,6 +146,8 @@ class MDMDistiller:
             from .experts import load_expert_bank
 
             self.expert_bank = load_expert_bank(cfg.expert_bank, self.teacher, revision=cfg.expert_bank_revision)
+        if self.expert_bank is not None:
+            self.expert_bank = self.expert_bank.to(acc.device)
         contrastive = self.teacher.contrastive_loss_type if cfg.contrastive == "auto" else cfg.contrastive
         from .losses import MDMLoss
 
