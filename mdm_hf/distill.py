@@ -393,7 +393,7 @@ class MDMDistiller:
     def _evaluate(self, step: int) -> bool:
         """Validation hook + early stopping; returns True when training should stop."""
         cfg = self.config
-        metrics = self.validation_fn(self.synthetic_set(self.syn_pixels.detach().cpu(), self.syn_text.detach().cpu()), step)
+        metrics = self.validation_fn(self.synthetic_set(self.syn_pixels, self.syn_text), step)
         score = float(metrics["mean"])
         self.state.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
@@ -415,9 +415,9 @@ class MDMDistiller:
         sims = F.normalize(text.float(), dim=-1) @ F.normalize(self.text_features.float(), dim=-1).T
         nearest = sims.topk(min(num_captions, sims.shape[1]), dim=1).indices
         data = self.train_data
-        return SyntheticSet(
-            pixel_values=pixels.float().cpu().contiguous(),
-            text_features=text.float().cpu().contiguous(),
+        return SyntheticSet(  # copies: a hook or caller may modify the set without touching the optimised tensors
+            pixel_values=pixels.detach().float().cpu().clone(),
+            text_features=text.detach().float().cpu().clone(),
             image_mean=self.teacher.image_mean,
             image_std=self.teacher.image_std,
             captions=[[data.captions[j] for j in row.tolist()] for row in nearest],
