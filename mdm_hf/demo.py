@@ -33,6 +33,7 @@ class DemoConfig:
 
     output_dir: str = "mdm-demo"
     data_dir: str | None = None  # default: $MDM_HF_HOME/emojicaps-<size>px
+    max_concepts: int | None = None  # a subset of EmojiCaps' concepts (tests)
     image_size: int = 48
     num_pairs: int = 100
     # anchor (BENCHMARKS.md: 48 px, ViT 192-d x 4 layers, trained on P)
@@ -80,7 +81,7 @@ def build_data(cfg: DemoConfig) -> Path:
     from .emojicaps import build_emojicaps, default_emojicaps_dir
 
     path = Path(cfg.data_dir) if cfg.data_dir else default_emojicaps_dir(cfg.image_size)
-    return build_emojicaps(path, image_size=cfg.image_size, seed=cfg.seed)
+    return build_emojicaps(path, image_size=cfg.image_size, seed=cfg.seed, max_concepts=cfg.max_concepts)
 
 
 def train_anchor(cfg: DemoConfig, data_dir: Path, out: Path) -> Path:
