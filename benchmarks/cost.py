@@ -69,7 +69,11 @@ def random_lora_bank(teacher, num_experts: int = 2, num_epochs: int = 3, rank: i
     from mdm_hf.merge import ExpertBank, LowRankDelta
 
     params = dict(teacher.model.named_parameters())
-    targets = [n for n in params if n.startswith("vision_model.") and n.endswith(("_proj.weight",)) and "self_attn" in n]
+    targets = [
+        n
+        for n in params
+        if n.startswith("vision_model.") and n.endswith(("_proj.weight",)) and "self_attn" in n
+    ]
     gen = torch.Generator().manual_seed(0)
     experts = []
     for _ in range(num_experts):
@@ -171,7 +175,9 @@ def measure(d, steps: int, warmup: int = 3) -> dict:
 def kmeans_timing(n: int, dim: int = 512, k: int = 1000) -> float:
     from mdm_hf.selection import kmeans_select
 
-    feats = torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    feats = torch.nn.functional.normalize(
+        torch.randn(n, dim, generator=torch.Generator().manual_seed(0)), dim=1
+    )
     start = time.perf_counter()
     chosen = kmeans_select(feats, k, seed=0)
     elapsed = time.perf_counter() - start
@@ -186,7 +192,9 @@ def peak_rss_mb() -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="small sizes, no result files")
     parser.add_argument("--threads", type=int, default=2)
@@ -206,7 +214,9 @@ def main(argv=None) -> int:
             d = make_distiller(teacher, bank, 100, n, mode, 2, tmp / f"{mode}{n}")
             results["real_set_size"][f"{mode}/{n}"] = measure(d, args.steps)["total"]
             print(mode, n, results["real_set_size"][f"{mode}/{n}"], flush=True)
-    results["kmeans_seconds"] = {str(n): kmeans_timing(n) for n in ((10_000,) if args.quick else (10_000, 100_000))}
+    results["kmeans_seconds"] = {
+        str(n): kmeans_timing(n) for n in ((10_000,) if args.quick else (10_000, 100_000))
+    }
     print("kmeans", results["kmeans_seconds"], flush=True)
     results["peak_rss_mb"] = peak_rss_mb()
     results["machine"] = {
@@ -240,7 +250,9 @@ def render_table(r: dict) -> str:
     lines += ["", "| real set size | fresh (s/iter) | pooled (s/iter) |", "|---|---|---|"]
     sizes = sorted({int(k.split("/")[1]) for k in r["real_set_size"]})
     for n in sizes:
-        lines.append(f"| {n:,} | {r['real_set_size'][f'fresh/{n}']:.4f} | {r['real_set_size'][f'pooled/{n}']:.4f} |")
+        lines.append(
+            f"| {n:,} | {r['real_set_size'][f'fresh/{n}']:.4f} | {r['real_set_size'][f'pooled/{n}']:.4f} |"
+        )
     lines += ["", "| k-means init, K=1000, d=512 | seconds |", "|---|---|"]
     lines += [f"| N = {int(n):,} | {s:.1f} |" for n, s in r["kmeans_seconds"].items()]
     lines += ["", f"Peak RSS: {r['peak_rss_mb']:.0f} MB", ""]

@@ -14,7 +14,7 @@ _LAZY = {
     "DualEncoder": "mdm_hf.models",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "DualEncoder", "MDMConfig", "MDMDistiller", "SyntheticSet"]
 
 if TYPE_CHECKING:
     from .config import MDMConfig

@@ -33,7 +33,9 @@ def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: 
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = HfArgumentParser(cls, prog=prog)
-    parser.add_argument("--config", default=None, help="YAML file with field: value pairs (CLI flags override).")
+    parser.add_argument(
+        "--config", default=None, help="YAML file with field: value pairs (CLI flags override)."
+    )
     if known.config:
         with open(known.config) as f:
             values = yaml.safe_load(f) or {}

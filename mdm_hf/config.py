@@ -25,19 +25,27 @@ class MDMConfig:
 
     # ---- teacher
     model_name_or_path: str = _f(
-        "openai/clip-vit-base-patch32", "Hub id or local dir of the anchor dual encoder (CLIP / SigLIP / VTDE)."
+        "openai/clip-vit-base-patch32",
+        "Hub id or local dir of the anchor dual encoder (CLIP / SigLIP / VTDE).",
     )
     model_revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
     text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub (off by default).")
-    expert_bank: str | None = _f(None, "Hub id or dir of the expert bank; None: the anchor alone is the teacher.")
+    expert_bank: str | None = _f(
+        None, "Hub id or dir of the expert bank; None: the anchor alone is the teacher."
+    )
     expert_bank_revision: str | None = _f(None, "Revision of the expert bank on the Hub.")
     experts_per_teacher: int = _f(2, "k: expert checkpoints merged into each mixed teacher (paper: 2).")
-    max_start_epoch: int | None = _f(None, "Experts are drawn at a random epoch in [1, max_start_epoch] (None: all).")
-    merge_alpha: float = _f(0.5, "Scale of the Model Stock offset (1.0 = Model Stock; reference script: 0.5).")
+    max_start_epoch: int | None = _f(
+        None, "Experts are drawn at a random epoch in [1, max_start_epoch] (None: all)."
+    )
+    merge_alpha: float = _f(
+        0.5, "Scale of the Model Stock offset (1.0 = Model Stock; reference script: 0.5)."
+    )
     teacher_mode: str = _f(
-        "fresh", "fresh: a new mixed teacher every iteration (paper). pooled: reuse a pool of teachers whose "
-        "real-side embeddings are computed once (faster)."
+        "fresh",
+        "fresh: a new mixed teacher every iteration (paper). pooled: reuse a pool of teachers whose "
+        "real-side embeddings are computed once (faster).",
     )
     teacher_pool_size: int = _f(8, "Number of mixed teachers in the pool (teacher_mode=pooled).")
     pool_real_size: int | None = _f(
@@ -52,9 +60,13 @@ class MDMConfig:
     image_column: str | None = _f(None, "Image column (auto-detected when None).")
     caption_column: str | None = _f(None, "Caption column: a string or a list of strings (auto-detected).")
     split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
-    image_root: str | None = _f(None, "Directory that relative image paths in the dataset are resolved against.")
+    image_root: str | None = _f(
+        None, "Directory that relative image paths in the dataset are resolved against."
+    )
     max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
-    max_cached_images: int = _f(20000, "Preprocess all real images once when the split has at most this many.")
+    max_cached_images: int = _f(
+        20000, "Preprocess all real images once when the split has at most this many."
+    )
     cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 
     # ---- synthetic set
@@ -74,7 +86,9 @@ class MDMConfig:
     max_grad_norm: float | None = _f(1.0, "Clip the joint gradient norm of pixels and text features.")
 
     # ---- loss (MDM.md §3)
-    lambda_contrastive: float = _f(1.0, "Weight of the symmetric InfoNCE (or sigmoid) loss on synthetic pairs.")
+    lambda_contrastive: float = _f(
+        1.0, "Weight of the symmetric InfoNCE (or sigmoid) loss on synthetic pairs."
+    )
     lambda_agreement: float = _f(0.8, "Weight of GKE between real and synthetic agreement directions.")
     lambda_discrepancy: float = _f(0.8, "Weight of GKE between real and synthetic discrepancy directions.")
     sigma: float = _f(0.5, "Bandwidth of the geodesic Gaussian kernel (radians).")
@@ -109,7 +123,9 @@ class MDMConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"Invalid MDMConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise ValueError(
+                f"Invalid MDMConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
+            )
         choices = {
             "teacher_mode": ("fresh", "pooled"),
             "optimizer": ("sgd", "adam"),

@@ -80,7 +80,11 @@ class ImageCaptionSplit:
             elif isinstance(value, dict):  # undecoded Image feature: {"bytes": ..., "path": ...}
                 import io
 
-                value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+                value = (
+                    Image.open(io.BytesIO(value["bytes"]))
+                    if value.get("bytes")
+                    else Image.open(value["path"])
+                )
             return value.convert("RGB")
         except Exception as err:  # noqa: BLE001 - any decode failure is reported with the index
             raise ValueError(
@@ -104,7 +108,9 @@ class ImageCaptionSplit:
             dataset=self.dataset.select(image_indices),
             image_column=self.image_column,
             captions=[self.captions[j] for j in keep],
-            caption_to_image=torch.tensor([remap[int(self.caption_to_image[j])] for j in keep], dtype=torch.long),
+            caption_to_image=torch.tensor(
+                [remap[int(self.caption_to_image[j])] for j in keep], dtype=torch.long
+            ),
             name=self.name,
             split=self.split,
             fingerprint=_hash(self.fingerprint, image_indices),
@@ -133,7 +139,9 @@ def _load_raw(name_or_path: str, revision: str | None, streaming: bool, data_dir
         raise OSError(offline_hint(name_or_path, "dataset")) from err
 
 
-def _pick_column(columns: Sequence[str], explicit: str | None, candidates: Sequence[str], what: str, flag: str):
+def _pick_column(
+    columns: Sequence[str], explicit: str | None, candidates: Sequence[str], what: str, flag: str
+):
     if explicit is not None:
         if explicit not in columns:
             raise ValueError(
@@ -276,7 +284,9 @@ def load_image_caption_dataset(
     info = getattr(ds, "info", None)
     if info is not None and getattr(info, "license", None):
         info_license = info.license
-    fingerprint = _hash(name_or_path, revision, chosen, split, getattr(ds, "_fingerprint", None), len(captions))
+    fingerprint = _hash(
+        name_or_path, revision, chosen, split, getattr(ds, "_fingerprint", None), len(captions)
+    )
     return ImageCaptionSplit(
         dataset=ds,
         image_column=img_col,
@@ -318,7 +328,9 @@ def cached_text_features(
     from safetensors.torch import load_file, save_file
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _hash(_model_key(encoder), data.fingerprint, hashlib.sha256("\n".join(data.captions).encode()).hexdigest())
+    key = _hash(
+        _model_key(encoder), data.fingerprint, hashlib.sha256("\n".join(data.captions).encode()).hexdigest()
+    )
     path = cache_dir / "text_features" / f"{key}.safetensors"
     if path.exists():
         logger.info("Reusing cached text features %s", path)

@@ -93,11 +93,20 @@ def train_anchor(cfg: DemoConfig, data_dir: Path, out: Path) -> Path:
         return out
     result = pretrain_anchor(
         AnchorPretrainingConfig(
-            dataset_name=str(data_dir), train_split="pretrain", image_size=cfg.image_size,
-            hidden_size=cfg.anchor_hidden_size, num_hidden_layers=cfg.anchor_layers,
-            num_attention_heads=cfg.anchor_heads, intermediate_size=4 * cfg.anchor_hidden_size,
-            max_steps=cfg.anchor_steps, num_epochs=10_000, per_device_train_batch_size=cfg.anchor_batch_size,
-            grayscale_p=0.2, blur_p=0.2, seed=cfg.seed, output_dir=str(out),
+            dataset_name=str(data_dir),
+            train_split="pretrain",
+            image_size=cfg.image_size,
+            hidden_size=cfg.anchor_hidden_size,
+            num_hidden_layers=cfg.anchor_layers,
+            num_attention_heads=cfg.anchor_heads,
+            intermediate_size=4 * cfg.anchor_hidden_size,
+            max_steps=cfg.anchor_steps,
+            num_epochs=10_000,
+            per_device_train_batch_size=cfg.anchor_batch_size,
+            grayscale_p=0.2,
+            blur_p=0.2,
+            seed=cfg.seed,
+            output_dir=str(out),
         )  # fmt: skip
     )
     print(f"anchor loss on fixed batches: {result.initial_loss:.3f} -> {result.final_loss:.3f}")
@@ -116,10 +125,18 @@ def train_experts(cfg: DemoConfig, data_dir: Path, anchor: Path, out: Path) -> P
     return Path(
         train_expert_bank(
             ExpertTrainingConfig(
-                model_name_or_path=str(anchor), dataset_name=str(data_dir), train_split="train",
-                validation_split="validation", num_experts=cfg.num_experts, num_epochs=cfg.expert_epochs,
-                lora_r=cfg.lora_r, lora_alpha=2.0 * cfg.lora_r, learning_rate=cfg.expert_lr, seed=cfg.seed,
-                output_dir=str(out), overwrite_output_dir=True,
+                model_name_or_path=str(anchor),
+                dataset_name=str(data_dir),
+                train_split="train",
+                validation_split="validation",
+                num_experts=cfg.num_experts,
+                num_epochs=cfg.expert_epochs,
+                lora_r=cfg.lora_r,
+                lora_alpha=2.0 * cfg.lora_r,
+                learning_rate=cfg.expert_lr,
+                seed=cfg.seed,
+                output_dir=str(out),
+                overwrite_output_dir=True,
             )  # fmt: skip
         )
     )
@@ -174,7 +191,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     hook = None
     if cfg.eval_steps:
         hook = student_validation_fn(
-            student_config(cfg, data_dir, anchor, out / "students-val", num_seeds=1), max_steps=cfg.student_steps
+            student_config(cfg, data_dir, anchor, out / "students-val", num_seeds=1),
+            max_steps=cfg.student_steps,
         )
     synthetic = distill(cfg, data_dir, anchor, bank, out / "distill", validation_fn=hook)
     timings["distill"] = time.perf_counter() - t
@@ -199,7 +217,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"  synthetic set : {synthetic_dir}  (datasets.load_dataset('{synthetic_dir}'), card: README.md, "
         f"picture: preview.png)\n"
         f"  anchor        : {anchor}\n  expert bank   : {bank}\n  EmojiCaps     : {data_dir}\n"
-        f"Share it:  python -c \"from mdm_hf import SyntheticSet; "
+        f'Share it:  python -c "from mdm_hf import SyntheticSet; '
         f"SyntheticSet.from_pretrained('{synthetic_dir}').push_to_hub('<user>/emojicaps-mdm-{cfg.num_pairs}')\"\n"
         f"           (after `hf auth login`; the expert bank: mdm_hf.experts.push_expert_bank('{bank}', "
         "'<user>/emojicaps-experts'))"

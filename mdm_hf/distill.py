@@ -138,14 +138,18 @@ class MDMDistiller:
                 f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
             )
         with acc.main_process_first():  # rank 0 fills the cache, the others read it
-            self.text_features = cached_text_features(self.teacher, data, cfg.cache_dir, progress=acc.is_main_process)
+            self.text_features = cached_text_features(
+                self.teacher, data, cfg.cache_dir, progress=acc.is_main_process
+            )
         self.pixel_cache = None
         if data.num_images <= cfg.max_cached_images:
             self.pixel_cache = preprocess_split_images(self.teacher, data)
         if self.expert_bank is None and cfg.expert_bank is not None:
             from .experts import load_expert_bank
 
-            self.expert_bank = load_expert_bank(cfg.expert_bank, self.teacher, revision=cfg.expert_bank_revision)
+            self.expert_bank = load_expert_bank(
+                cfg.expert_bank, self.teacher, revision=cfg.expert_bank_revision
+            )
         if self.expert_bank is not None:
             self.expert_bank = self.expert_bank.to(acc.device)
         contrastive = self.teacher.contrastive_loss_type if cfg.contrastive == "auto" else cfg.contrastive
@@ -172,7 +176,9 @@ class MDMDistiller:
         return pixels.to(self.accelerator.device)
 
     @torch.no_grad()
-    def embed_real(self, caption_indices: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_real(
+        self, caption_indices: torch.Tensor, batch_size: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_v, z_t)`` of real pairs under the currently installed teacher."""
         zv, zt = [], []
         for chunk in caption_indices.split(batch_size):
@@ -239,7 +245,9 @@ class MDMDistiller:
         gen = torch.Generator().manual_seed(cfg.seed)
         self._draw_teacher(gen)  # embed with a mixed teacher, as the loop will see the data
         if cfg.init == "random":
-            chosen = select_pairs("random", torch.zeros(self.train_data.num_captions, 1), cfg.num_pairs, cfg.seed)
+            chosen = select_pairs(
+                "random", torch.zeros(self.train_data.num_captions, 1), cfg.num_pairs, cfg.seed
+            )
         else:
             zv, zt = self.embed_all_pairs()
             chosen = select_pairs(cfg.init, joint_features(zv, zt), cfg.num_pairs, cfg.seed)
@@ -253,7 +261,10 @@ class MDMDistiller:
 
     def _build_optimizer(self) -> None:
         cfg = self.config
-        groups = [{"params": [self.syn_pixels], "lr": cfg.lr_pixels}, {"params": [self.syn_text], "lr": cfg.lr_text}]
+        groups = [
+            {"params": [self.syn_pixels], "lr": cfg.lr_pixels},
+            {"params": [self.syn_text], "lr": cfg.lr_text},
+        ]
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, momentum=cfg.momentum)
         else:
@@ -297,7 +308,12 @@ class MDMDistiller:
             syn_zt = self.teacher.project_text(self.syn_text[syn_idx])
         with _timer(timings, "loss"):
             out = self.loss_fn(
-                real_zv, real_zt, syn_zv, syn_zt, logit_scale=self.teacher.logit_scale, logit_bias=self.teacher.logit_bias
+                real_zv,
+                real_zt,
+                syn_zv,
+                syn_zt,
+                logit_scale=self.teacher.logit_scale,
+                logit_bias=self.teacher.logit_bias,
             )
         if not torch.isfinite(out.loss):
             self._fail_non_finite("loss", out)
@@ -335,12 +351,19 @@ class MDMDistiller:
         syn_zv = self.teacher.image_embeds(self.syn_pixels)
         syn_zt = self.teacher.project_text(self.syn_text)
         out = self.loss_fn(
-            real_zv, real_zt, syn_zv, syn_zt, logit_scale=self.teacher.logit_scale, logit_bias=self.teacher.logit_bias
+            real_zv,
+            real_zt,
+            syn_zv,
+            syn_zt,
+            logit_scale=self.teacher.logit_scale,
+            logit_bias=self.teacher.logit_bias,
         )
         return float(out.loss)
 
     def _fail_non_finite(self, what: str, out) -> None:
-        path = self.save_checkpoint(self._generator)  # the tensors are still the last good ones: nothing stepped
+        path = self.save_checkpoint(
+            self._generator
+        )  # the tensors are still the last good ones: nothing stepped
         raise NonFiniteLossError(
             f"The {what} became non-finite at step {self.state.step} (loss={out.loss.item()}, contrastive="
             f"{float(out.contrastive)}, agreement={float(out.agreement)}, discrepancy={float(out.discrepancy)}). "
@@ -466,7 +489,12 @@ class MDMDistiller:
     def _prepare_output_dir(self) -> None:
         cfg = self.config
         out = Path(cfg.output_dir)
-        if out.exists() and any(out.iterdir()) and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        if (
+            out.exists()
+            and any(out.iterdir())
+            and not cfg.resume_from_checkpoint
+            and not cfg.overwrite_output_dir
+        ):
             raise FileExistsError(
                 f"output_dir '{out}' is not empty. Resume with --resume_from_checkpoint latest, pass "
                 "--overwrite_output_dir to start over in it, or choose another --output_dir."
@@ -480,7 +508,8 @@ class MDMDistiller:
             return None
         if spec == "latest":
             found = sorted(
-                Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1])
+                Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*"),
+                key=lambda p: int(p.name.split("-")[-1]),
             )
             if not found:
                 logger.warning("No checkpoint in %s; starting from scratch.", self.config.output_dir)
@@ -527,7 +556,11 @@ class MDMDistiller:
         if not limit:
             return
         found = sorted(
-            (p for p in Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name.split("-")[-1].isdigit()),
+            (
+                p
+                for p in Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                if p.name.split("-")[-1].isdigit()
+            ),
             key=lambda p: int(p.name.split("-")[-1]),
         )
         for old in found[:-limit]:
@@ -541,7 +574,10 @@ class MDMDistiller:
         path = Path(path)
         tensors = load_file(str(path / "synthetic.safetensors"))
         state = json.loads((path / "trainer_state.json").read_text())
-        if tensors["pixel_values"].shape != self.syn_pixels.shape or tensors["text_features"].shape != self.syn_text.shape:
+        if (
+            tensors["pixel_values"].shape != self.syn_pixels.shape
+            or tensors["text_features"].shape != self.syn_text.shape
+        ):
             raise ValueError(
                 f"Checkpoint {path} holds tensors of shape {tuple(tensors['pixel_values'].shape)} / "
                 f"{tuple(tensors['text_features'].shape)}, but this run expects {tuple(self.syn_pixels.shape)} / "
@@ -553,7 +589,9 @@ class MDMDistiller:
         self.source_indices = tensors["source_indices"].long()
         self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
         self._generator.set_state(tensors["rng_state"])
-        opt = _unflatten_optimizer_state(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+        opt = _unflatten_optimizer_state(
+            load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")
+        )
         self.optimizer.load_state_dict(opt)
         state.pop("config", None)
         self.state = DistillState(**state)
@@ -579,4 +617,3 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> 
     for pid, pstate in meta["state"].items():
         state[int(pid)] = {k: tensors[f"{pid}.{k}"] if v == "__tensor__" else v for k, v in pstate.items()}
     return {"state": state, "param_groups": meta["param_groups"]}
-

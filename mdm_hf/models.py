@@ -226,9 +226,7 @@ class DualEncoder(nn.Module):
         out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
         if self.text_pooling == "mean":
             mask = (
-                attention_mask
-                if attention_mask is not None
-                else torch.ones_like(input_ids, dtype=torch.long)
+                attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.long)
             )
             mask = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -298,6 +296,8 @@ class DualEncoder(nn.Module):
         for name in self.parameter_groups().text:
             params[name].requires_grad_(False)
 
-    def forward(self, pixel_values: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, text_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm image and text embeddings for pixels and text features."""
         return self.image_embeds(pixel_values), self.project_text(text_features)

@@ -48,12 +48,18 @@ def toy_image(colour: str, shape: str, size: int = 32, seed: int = 0) -> Image.I
     return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
 
 
-def toy_records(num_images: int = 24, captions_per_image: int = 2, size: int = 32, seed: int = 0) -> list[dict]:
+def toy_records(
+    num_images: int = 24, captions_per_image: int = 2, size: int = 32, seed: int = 0
+) -> list[dict]:
     """Image-caption records: ``{"image": PIL, "captions": [str, ...]}``; captions name colour and shape."""
     colours, records = sorted(COLOURS), []
     for i in range(num_images):
         colour, shape = colours[i % len(colours)], SHAPES[(i // len(colours)) % len(SHAPES)]
-        caps = [f"a {colour} {shape}", f"a picture of a {colour} {shape} on the background", f"the {shape} {colour}"]
+        caps = [
+            f"a {colour} {shape}",
+            f"a picture of a {colour} {shape} on the background",
+            f"the {shape} {colour}",
+        ]
         records.append(
             {"image": toy_image(colour, shape, size, seed + i), "captions": caps[:captions_per_image]}
         )
@@ -61,7 +67,9 @@ def toy_records(num_images: int = 24, captions_per_image: int = 2, size: int = 3
 
 
 # ---------------------------------------------------------------------------------------------- datasets
-def write_caption_list_dataset(directory: str | Path, splits: dict[str, int] | None = None, size: int = 32) -> Path:
+def write_caption_list_dataset(
+    directory: str | Path, splits: dict[str, int] | None = None, size: int = 32
+) -> Path:
     """Flickr30k-style repo: ``data/<split>-*.parquet`` with ``image`` and ``caption`` (a list of strings)."""
     import datasets
 
@@ -159,7 +167,11 @@ def _word_tokenizer(pad: str = "<pad>", eos: str | None = "</s>", bert: bool = F
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+            tokenizer_object=tok,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
             model_max_length=16,
         )
     tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
@@ -232,7 +244,9 @@ def build_tiny_dual_encoder(directory: str | Path, image_size: int = 32, seed: i
     torch.manual_seed(seed)
     tokenizer = _word_tokenizer(bert=True)
     config = VisionTextDualEncoderConfig.from_vision_text_configs(
-        CLIPVisionConfig(**_tiny_vision(image_size)), BertConfig(**_tiny_text(len(tokenizer), 16)), projection_dim=24
+        CLIPVisionConfig(**_tiny_vision(image_size)),
+        BertConfig(**_tiny_text(len(tokenizer), 16)),
+        projection_dim=24,
     )
     config.mdm_text_pooling = "mean"
     model = VisionTextDualEncoderModel(config)
@@ -244,4 +258,8 @@ def build_tiny_dual_encoder(directory: str | Path, image_size: int = 32, seed: i
     return directory
 
 
-TINY_BUILDERS = {"clip": build_tiny_clip, "siglip": build_tiny_siglip, "dual_encoder": build_tiny_dual_encoder}
+TINY_BUILDERS = {
+    "clip": build_tiny_clip,
+    "siglip": build_tiny_siglip,
+    "dual_encoder": build_tiny_dual_encoder,
+}

@@ -60,7 +60,9 @@ def test_resume_equals_uninterrupted_run(tiny_clip_dir, tiny_dataset_dir, tmp_pa
 
     first = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "b", max_steps=10)
     MDMDistiller(first).distill()
-    resumed_cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "b", resume_from_checkpoint="latest")
+    resumed_cfg = tiny_config(
+        tiny_clip_dir, tiny_dataset_dir, tmp_path / "b", resume_from_checkpoint="latest"
+    )
     resumed = MDMDistiller(resumed_cfg).distill()
 
     assert torch.equal(straight.pixel_values, resumed.pixel_values)
@@ -107,7 +109,9 @@ def test_nan_loss_saves_last_good_state_and_explains(tiny_clip_dir, tiny_dataset
     assert torch.equal(tensors["pixel_values"], distiller.syn_pixels.detach())
     # the saved state is usable: a resumed run (without the poison) continues from step 5
     resumed = MDMDistiller(
-        tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", save_steps=0, resume_from_checkpoint=str(ckpt))
+        tiny_config(
+            tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", save_steps=0, resume_from_checkpoint=str(ckpt)
+        )
     )
     synthetic = resumed.distill()
     assert resumed.state.step == 20 and torch.isfinite(synthetic.pixel_values).all()
@@ -121,7 +125,9 @@ def test_validation_hook_keeps_best_state_and_stops_early(tiny_clip_dir, tiny_da
         seen.append((step, synthetic.pixel_values.clone()))
         return {"mean": next(scores)}
 
-    cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", eval_steps=2, early_stopping_patience=2)
+    cfg = tiny_config(
+        tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", eval_steps=2, early_stopping_patience=2
+    )
     distiller = MDMDistiller(cfg, validation_fn=hook)
     best = distiller.distill()
     assert [s for s, _ in seen] == [2, 4, 6, 8]  # stopped after two evaluations without improvement
@@ -161,7 +167,9 @@ def test_mixed_teachers_from_an_expert_bank(mode, tiny_clip_dir, tiny_dataset_di
     teacher = DualEncoder.from_pretrained(tiny_clip_dir)
     anchor = {k: v.detach().clone() for k, v in teacher.model.named_parameters()}
     bank = _random_lora_bank(teacher)
-    cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", teacher_mode=mode, teacher_pool_size=3)
+    cfg = tiny_config(
+        tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", teacher_mode=mode, teacher_pool_size=3
+    )
     distiller = MDMDistiller(cfg, teacher=teacher, expert_bank=bank)
     synthetic = distiller.distill()
     assert torch.isfinite(synthetic.pixel_values).all()

@@ -49,7 +49,9 @@ def _json(path: Path, value=None):
     return value
 
 
-def distill_k(cfg: DemoConfig, data: Path, anchor: Path, bank: Path | None, work: Path, k: int, tag: str, **mdm):
+def distill_k(
+    cfg: DemoConfig, data: Path, anchor: Path, bank: Path | None, work: Path, k: int, tag: str, **mdm
+):
     """One MDM run with the validation hook; returns (SyntheticSet, record) and caches both."""
     from mdm_hf.config import MDMConfig
     from mdm_hf.distill import MDMDistiller
@@ -96,7 +98,9 @@ def compare(cfg: DemoConfig, data: Path, anchor: Path, work: Path, k: int, metho
     cached = _json(path)
     if cached is not None:
         return cached
-    sc = student_config(cfg, data, anchor, work / f"students-k{k}", num_pairs=k, full_max_steps=2 * cfg.student_steps)
+    sc = student_config(
+        cfg, data, anchor, work / f"students-k{k}", num_pairs=k, full_max_steps=2 * cfg.student_steps
+    )
     results = compare_methods(sc, methods=methods, synthetic=synthetic)
     return _json(path, {k2: v for k2, v in results.items()})
 
@@ -142,7 +146,9 @@ def _single_expert(cfg, data, anchor, work, teacher, bank) -> dict:
     cached = _json(out / "record.json")
     if cached is not None:
         return cached
-    hook = student_validation_fn(student_config(cfg, data, anchor, out / "val", num_seeds=1), max_steps=cfg.student_steps)
+    hook = student_validation_fn(
+        student_config(cfg, data, anchor, out / "val", num_seeds=1), max_steps=cfg.student_steps
+    )
     values = dict(
         model_name_or_path=str(anchor), dataset_name=str(data), num_pairs=100, max_steps=cfg.distill_steps,
         teacher_mode=cfg.teacher_mode, lr_pixels=cfg.lr_pixels, lr_text=cfg.lr_text, eval_steps=cfg.eval_steps,
@@ -157,13 +163,17 @@ def _single_expert(cfg, data, anchor, work, teacher, bank) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work_dir", default="benchmarks/work/emojicaps")
     parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 500])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip_ablations", action="store_true")
-    parser.add_argument("--only_ablations", action="store_true", help="run the ablations (e.g. in a 2nd process)")
+    parser.add_argument(
+        "--only_ablations", action="store_true", help="run the ablations (e.g. in a 2nd process)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -187,9 +197,14 @@ def main(argv=None) -> int:
     for k in args.budgets:
         synthetic, rec = distill_k(cfg, data, anchor, bank, work, k, f"k{k}")
         distill_records[k] = rec
-        res = compare(cfg, data, anchor, work, k, ["mdm", "random", "herding", "kcenter"], synthetic=synthetic)
+        res = compare(
+            cfg, data, anchor, work, k, ["mdm", "random", "herding", "kcenter"], synthetic=synthetic
+        )
         rows += res["rows"]
-        print("\n".join(f"K={k} {r['method']}: {r['mean']:.2f} ± {r['mean_std']:.2f}" for r in res["rows"]), flush=True)
+        print(
+            "\n".join(f"K={k} {r['method']}: {r['mean']:.2f} ± {r['mean_std']:.2f}" for r in res["rows"]),
+            flush=True,
+        )
     rows += full["rows"]
     stage_seconds["main"] = time.perf_counter() - start
     abl = _json(work / "ablations.json")
