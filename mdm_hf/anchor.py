@@ -29,12 +29,13 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import config_field as _f
 from .models import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ logger = logging.getLogger(__name__)
 # OpenAI CLIP's normalisation constants (the usual choice for CLIP-style vision towers).
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
-    return field(default=default, metadata={"help": help, **kw})
 
 
 # ============================================================================================== contrastive training

@@ -11,8 +11,12 @@ from typing import Any
 import yaml
 
 
-def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
+def config_field(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
+    """A dataclass field whose ``help`` becomes the ``--help`` text of ``HfArgumentParser``."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = config_field
 
 
 @dataclass

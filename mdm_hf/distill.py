@@ -307,14 +307,7 @@ class MDMDistiller:
             syn_zv = self.teacher.image_embeds(self.syn_pixels[syn_idx])
             syn_zt = self.teacher.project_text(self.syn_text[syn_idx])
         with _timer(timings, "loss"):
-            out = self.loss_fn(
-                real_zv,
-                real_zt,
-                syn_zv,
-                syn_zt,
-                logit_scale=self.teacher.logit_scale,
-                logit_bias=self.teacher.logit_bias,
-            )
+            out = self._matching_loss(real_zv, real_zt, syn_zv, syn_zt)
         if not torch.isfinite(out.loss):
             self._fail_non_finite("loss", out)
         with _timer(timings, "backward"):
@@ -348,17 +341,13 @@ class MDMDistiller:
         A deterministic yardstick (no sampling) for checking that distillation lowers the objective.
         """
         real_zv, real_zt = self.embed_real(real_indices)
-        syn_zv = self.teacher.image_embeds(self.syn_pixels)
-        syn_zt = self.teacher.project_text(self.syn_text)
-        out = self.loss_fn(
-            real_zv,
-            real_zt,
-            syn_zv,
-            syn_zt,
-            logit_scale=self.teacher.logit_scale,
-            logit_bias=self.teacher.logit_bias,
-        )
-        return float(out.loss)
+        syn_zv, syn_zt = self.teacher(self.syn_pixels, self.syn_text)
+        return float(self._matching_loss(real_zv, real_zt, syn_zv, syn_zt).loss)
+
+    def _matching_loss(self, real_zv, real_zt, syn_zv, syn_zt):
+        """MDM.md §3 under the installed teacher (its own scale and bias for the SigLIP sigmoid loss)."""
+        scale, bias = self.teacher.logit_scale, self.teacher.logit_bias
+        return self.loss_fn(real_zv, real_zt, syn_zv, syn_zt, logit_scale=scale, logit_bias=bias)
 
     def _fail_non_finite(self, what: str, out) -> None:
         path = self.save_checkpoint(

@@ -38,7 +38,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .config import config_field as _f
 from .retrieval import retrieval_metric_path, retrieval_metrics
 
 logger = logging.getLogger(__name__)
@@ -99,10 +100,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         learn_temperature=True, eval_steps=5, eval_epochs=None,
     ),
 }  # fmt: skip
-
-
-def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

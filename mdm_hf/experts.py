@@ -30,7 +30,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from .anchor import (
     prepare_output_dir,
     run_contrastive_training,
 )
+from .config import config_field as _f
 from .models import DualEncoder, OfflineHubError, is_hub_offline
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,6 @@ CARD_TEMPLATE = "expert_bank_card"
 # Leaf names of the attention projections LoRA targets by default. peft ships no defaults for CLIP / SigLIP.
 ATTENTION_LEAVES = (("q_proj", "k_proj", "v_proj", "out_proj"), ("query", "key", "value"))
 PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip": ["text_model.head"]}
-
-
-def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
-    return field(default=default, metadata={"help": help, **kw})
 
 
 # ============================================================================================== configuration
