@@ -350,7 +350,7 @@ def unrolled_matching_gradients(
     current = {n: params[n].detach() for n in names}
     for batch in batches:  # the trajectory, without a graph
         trajectory.append(current)
-        leaves = {n: t.requires_grad_(True) for n, t in ((n, current[n].clone()) for n in names)}
+        leaves = {n: current[n].detach().requires_grad_(True) for n in names}
         grads = _grads(loss_fn(leaves, batch), [leaves[n] for n in names], create_graph=False)
         with torch.no_grad():
             current = {n: current[n] - step_sizes[n].detach() * g for n, g in zip(names, grads)}
@@ -367,7 +367,7 @@ def unrolled_matching_gradients(
             acc += g
     coeff = {n: -step_sizes[n].detach() * d_end[n] for n in names}
     for theta, batch in zip(trajectory, batches):  # one step's graph at a time
-        leaves = {n: theta[n].clone().requires_grad_(True) for n in names}
+        leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
         step_grads = _grads(loss_fn(leaves, batch), [leaves[n] for n in names], create_graph=True)
         inner = sum((coeff[n] * g).sum() for n, g in zip(names, step_grads))
         for acc, g in zip(total, _grads(inner, inputs, create_graph=False)):
@@ -582,7 +582,6 @@ def record_trajectory_buffer(
     }  # fmt: skip
     for index in range(num_experts):
         expert_seed = seed + index
-        torch.manual_seed(expert_seed)
         model = copy.deepcopy(anchor.model)  # once per expert, not per step
         encoder = DualEncoder(model, anchor.tokenizer, anchor.image_processor, anchor.name_or_path, anchor.revision,
                               anchor.text_pooling)  # fmt: skip

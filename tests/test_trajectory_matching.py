@@ -1,0 +1,433 @@
+"""Trajectory matching (MTT-VL / LoRS): the unrolled update against hand-worked and finite-difference cases, the
+TESLA variant against its own closed form, the parameter-distance loss, the LoRS losses and similarity matrix, and
+end-to-end distillation on the tiny CLIP fixture from recorded trajectories."""
+
+import copy
+import json
+import shutil
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mdm_hf.baselines.trajectory_matching import (
+    EXTRAS_FILE,
+    FullSimilarity,
+    LowRankSimilarity,
+    TrajectoryBuffer,
+    TrajectoryMatchingConfig,
+    TrajectoryMatchingDistiller,
+    normalized_parameter_distance,
+    record_trajectory_buffer,
+    sgd_unroll,
+    soft_contrastive_loss,
+    unrolled_matching_gradients,
+)
+from mdm_hf.data import load_image_caption_dataset
+from mdm_hf.losses import clip_contrastive_loss
+from mdm_hf.models import DualEncoder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ============================================================================================ hand-worked unrolling
+# Scalar model: loss ½ (w x − y)², gradient g = (w x − y) x. Two SGD steps on (x0, y0) then (x1, y1):
+#   w1 = w0 − η g0,  w2 = w1 − η g1,  L = (w2 − w*)² / (w0 − w*)²
+# With w0 = 0.5, (x0, y0) = (1, 2), (x1, y1) = (2, 1), η = 0.1, w* = 1:
+#   g0 = −1.5, w1 = 0.65, g1 = 0.6, w2 = 0.59, L = 0.41² / 0.5² = 0.6724, dL/dw2 = 2 (w2 − w*) / (w0 − w*)² = −3.28
+# Exact derivatives of w2:
+#   dw2/dx1 = −η (2 w1 x1 − y1)                    = −0.16
+#   dw2/dx0 = (1 − η x1²) · (−η (2 w0 x0 − y0))     = 0.6 · 0.1 = 0.06
+#   dw2/dη  = −g0 (1 − η x1²) − g1                 = 0.9 − 0.6 = 0.3
+# TESLA (g1 treated as not depending on x0 or η through w1):
+#   dw2/dx0 = −η (2 w0 x0 − y0) = 0.1,  dw2/dx1 = −0.16,  dw2/dη = −(g0 + g1) = 0.9
+W0, W_STAR, ETA = 0.5, 1.0, 0.1
+HAND = {"w2": 0.59, "loss": 0.6724, "dL_dw2": -3.28}
+EXACT = {"x0": 0.06, "x1": -0.16, "eta": 0.3}
+TESLA = {"x0": 0.1, "x1": -0.16, "eta": 0.9}
+
+
+def _scalar_case():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    eta = torch.tensor(ETA, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn(params, idx):
+        return 0.5 * ((params["w"] * x[idx] - y[idx]) ** 2).mean()
+
+    start = {"w": torch.tensor(W0, dtype=torch.float64)}
+    target = {"w": torch.tensor(W_STAR, dtype=torch.float64)}
+    batches = [torch.tensor([0]), torch.tensor([1])]
+    return x, eta, loss_fn, start, target, batches
+
+
+def test_two_sgd_steps_match_the_hand_computed_parameters_and_gradients():
+    x, eta, loss_fn, start, target, batches = _scalar_case()
+    end = sgd_unroll(loss_fn, start, {"w": eta}, batches)
+    assert float(end["w"]) == pytest.approx(HAND["w2"], abs=1e-12)
+    loss, parts = normalized_parameter_distance(end, start, target)
+    assert float(loss) == pytest.approx(HAND["loss"], abs=1e-12)
+    gx, geta = torch.autograd.grad(loss, [x, eta])
+    assert gx.tolist() == pytest.approx([HAND["dL_dw2"] * EXACT["x0"], HAND["dL_dw2"] * EXACT["x1"]], abs=1e-12)
+    assert float(geta) == pytest.approx(HAND["dL_dw2"] * EXACT["eta"], abs=1e-12)
+    # the same through the distiller's entry point
+    meta = lambda e: normalized_parameter_distance(e, start, target)[0]  # noqa: E731
+    loss2, end2, grads = unrolled_matching_gradients(loss_fn, start, {"w": eta}, batches, meta, [x, eta], "full")
+    assert float(loss2) == pytest.approx(HAND["loss"], abs=1e-12) and float(end2["w"]) == pytest.approx(HAND["w2"])
+    assert torch.allclose(grads[0], gx) and torch.allclose(grads[1], geta)
+    assert start["w"].item() == W0 and not start["w"].requires_grad  # the start is not modified
+
+
+def test_tesla_matches_its_hand_computed_first_order_gradients():
+    x, eta, loss_fn, start, target, batches = _scalar_case()
+    meta = lambda e: normalized_parameter_distance(e, start, target)[0]  # noqa: E731
+    loss, end, (gx, geta) = unrolled_matching_gradients(loss_fn, start, {"w": eta}, batches, meta, [x, eta], "tesla")
+    assert float(end["w"]) == pytest.approx(HAND["w2"], abs=1e-12)  # the same trajectory
+    assert float(loss) == pytest.approx(HAND["loss"], abs=1e-12)
+    assert gx.tolist() == pytest.approx([HAND["dL_dw2"] * TESLA["x0"], HAND["dL_dw2"] * TESLA["x1"]], abs=1e-12)
+    assert float(geta) == pytest.approx(HAND["dL_dw2"] * TESLA["eta"], abs=1e-12)
+    assert TESLA["x0"] != EXACT["x0"]  # the case separates the two schemes
+
+
+def _linear_case(steps: int, seed: int = 0):
+    """A tanh-linear model with two tensors and two step sizes, float64; batches overlap."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    y = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    start = {"W": torch.randn(2, 3, generator=gen, dtype=torch.float64), "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+    target = {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in start.items()}
+    lrs = {"W": torch.tensor(0.3, dtype=torch.float64, requires_grad=True),
+           "b": torch.tensor(0.2, dtype=torch.float64, requires_grad=True)}  # fmt: skip
+
+    def loss_fn(params, idx):
+        return 0.5 * ((torch.tanh(x[idx] @ params["W"].T + params["b"]) - y[idx]) ** 2).sum(1).mean()
+
+    batches = [torch.tensor(b) for b in ([0, 1, 2], [2, 3], [4, 0, 1], [1, 3, 4])[:steps]]
+    groups = {"W": ["W"], "b": ["b"]}
+    meta = lambda e: normalized_parameter_distance(e, start, target, groups)[0]  # noqa: E731
+    return x, lrs, loss_fn, start, meta, batches
+
+
+def test_full_unroll_gradients_match_central_finite_differences():
+    x, lrs, loss_fn, start, meta, batches = _linear_case(steps=3)
+    inputs = [x, lrs["W"], lrs["b"]]
+    _, _, grads = unrolled_matching_gradients(loss_fn, start, lrs, batches, meta, inputs, "full")
+
+    def value() -> float:
+        with torch.enable_grad():
+            return float(meta(sgd_unroll(loss_fn, start, lrs, batches)))
+
+    eps = 1e-6
+    for tensor, grad in zip(inputs, grads):
+        flat = tensor.data.view(-1)
+        numeric = torch.zeros_like(flat)
+        for i in range(flat.numel()):
+            old = float(flat[i])
+            flat[i] = old + eps
+            up = value()
+            flat[i] = old - eps
+            down = value()
+            flat[i] = old
+            numeric[i] = (up - down) / (2 * eps)
+        assert torch.allclose(grad.reshape(-1), numeric, rtol=1e-6, atol=1e-8)
+        assert numeric.abs().max() > 1e-3  # a real signal, not zeros matching zeros
+
+
+def test_tesla_is_exact_for_one_step_and_approximate_for_several():
+    for steps, same in ((1, True), (3, False)):
+        x, lrs, loss_fn, start, meta, batches = _linear_case(steps)
+        inputs = [x, lrs["W"], lrs["b"]]
+        full = unrolled_matching_gradients(loss_fn, start, lrs, batches, meta, inputs, "full")
+        tesla = unrolled_matching_gradients(loss_fn, start, lrs, batches, meta, inputs, "tesla")
+        assert float(full[0]) == pytest.approx(float(tesla[0]), abs=1e-12)  # same trajectory, same loss
+        close = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(full[2], tesla[2]))
+        assert close is same
+
+
+# ============================================================================================ losses and similarity
+def test_normalized_parameter_distance_per_branch_and_merged():
+    start = {"a": torch.tensor([0.0, 0.0]), "t": torch.tensor([1.0])}
+    target = {"a": torch.tensor([3.0, 4.0]), "t": torch.tensor([3.0])}  # dens: 25 and 4
+    end = {"a": torch.tensor([3.0, 1.0]), "t": torch.tensor([2.0])}  # nums: 9 and 1
+    groups = {"image": ["a"], "text": ["t"]}
+    loss, parts = normalized_parameter_distance(end, start, target, groups)
+    assert float(loss) == pytest.approx(9 / 25 + 1 / 4)
+    assert float(parts["image"]) == pytest.approx(9 / 25) and float(parts["text"]) == pytest.approx(1 / 4)
+    merged, _ = normalized_parameter_distance(end, start, target, groups, merge_groups=True)
+    assert float(merged) == pytest.approx(10 / 29)
+    assert float(normalized_parameter_distance(target, start, target, groups)[0]) == 0.0
+    with pytest.raises(ValueError, match="identical"):
+        normalized_parameter_distance(end, target, target, groups)
+
+
+def test_soft_infonce_with_identity_targets_is_the_clip_loss_and_uses_soft_targets():
+    gen = torch.Generator().manual_seed(1)
+    zv, zt = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    scale = torch.tensor(1 / 0.07)
+    ours = soft_contrastive_loss(zv, zt, torch.eye(6), scale, "infonce")
+    assert float(ours) == pytest.approx(float(clip_contrastive_loss(zv, zt, scale)), rel=1e-6)
+    soft = torch.rand(6, 6, generator=gen)
+    logits = scale * torch.nn.functional.normalize(zv, dim=-1) @ torch.nn.functional.normalize(zt, dim=-1).T
+    lsm_rows, lsm_cols = logits.log_softmax(1), logits.log_softmax(0)
+    i2t = -sum(float(soft[i, j] * lsm_rows[i, j]) for i in range(6) for j in range(6)) / 6
+    t2i = -sum(float(soft[i, j] * lsm_cols[i, j]) for i in range(6) for j in range(6)) / 6
+    assert float(soft_contrastive_loss(zv, zt, soft, scale, "infonce")) == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+
+def test_wbce_matches_a_brute_force_loop():
+    import math
+
+    gen = torch.Generator().manual_seed(2)
+    zv, zt = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    targets = torch.eye(5) * 0.9 + 0.05 * torch.rand(5, 5, generator=gen)
+    targets[1, 3] = 0.7  # an off-diagonal positive
+    scale = 10.0
+    zvn, ztn = torch.nn.functional.normalize(zv, dim=-1), torch.nn.functional.normalize(zt, dim=-1)
+    pos, neg = [], []
+    for i in range(5):
+        for j in range(5):
+            p = 1 / (1 + math.exp(-scale * float(zvn[i] @ ztn[j])))
+            t = float(targets[i, j])
+            (pos if t > 0.5 else neg).append(-(t * math.log(p) + (1 - t) * math.log(1 - p)))
+    expected = 0.5 * (sum(pos) / len(pos) + sum(neg) / len(neg))
+    assert float(soft_contrastive_loss(zv, zt, targets, scale, "wbce")) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="targets must be"):
+        soft_contrastive_loss(zv, zt, torch.eye(4), scale, "wbce")
+
+
+def test_low_rank_similarity_starts_at_identity_and_indexes_like_its_full_matrix():
+    sim = LowRankSimilarity(7, rank=3, alpha=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sim(), torch.eye(7))  # R = 0 at the start
+    with torch.no_grad():
+        sim.right.normal_()
+        sim.diag.uniform_()
+    idx = torch.tensor([5, 1, 3])
+    full = torch.diag(sim.diag) + (2.0 / 3) * sim.left @ sim.right.T  # S = diag(a) + (alpha / r) L R^T
+    assert torch.allclose(sim(idx), full[idx][:, idx])
+    assert torch.equal(FullSimilarity(4)(torch.tensor([2, 0])), torch.eye(2))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="syn_steps"):
+        TrajectoryMatchingConfig(syn_steps=0)
+    with pytest.raises(ValueError, match="unroll"):
+        TrajectoryMatchingConfig(unroll="scan")
+
+
+# ============================================================================================ the distiller on tiny CLIP
+@pytest.fixture(scope="module")
+def tiny(_one_thread, tiny_clip_dir, tiny_dataset_dir, tmp_path_factory):
+    """The tiny CLIP anchor, its train split and an SGD trajectory buffer: 1 expert x 2 epochs (LoRS recipe)."""
+    root = tmp_path_factory.mktemp("tm")
+    anchor = DualEncoder.from_pretrained(tiny_clip_dir)
+    train = load_image_caption_dataset(tiny_dataset_dir, "train")
+    buffer = record_trajectory_buffer(anchor, train, root / "buffer", num_experts=1, num_epochs=2, learning_rate=0.5,
+                                      batch_size=8, cache_dir=str(root / "cache"))  # fmt: skip
+    return {"anchor": anchor, "train": train, "buffer": buffer, "root": root, "model": tiny_clip_dir,
+            "data": tiny_dataset_dir}  # fmt: skip
+
+
+def _config(tiny, out, **kw) -> TrajectoryMatchingConfig:
+    values = dict(
+        model_name_or_path=tiny["model"], dataset_name=tiny["data"], trajectory_buffer=str(tiny["buffer"]),
+        cache_dir=str(tiny["root"] / "cache"), num_pairs=6, syn_steps=2, mini_batch_size=4, max_start_epoch=1,
+        max_steps=3, eval_steps=0, save_steps=0, lr_pixels=10.0, lr_text=10.0, output_dir=str(out),
+        logging_steps=0, device="cpu",
+    )  # fmt: skip
+    values.update(kw)
+    return TrajectoryMatchingConfig(**values)
+
+
+def _distiller(tiny, out, **kw) -> TrajectoryMatchingDistiller:
+    return TrajectoryMatchingDistiller(_config(tiny, out, **kw), teacher=tiny["anchor"], train_data=tiny["train"])
+
+
+def test_recorded_buffer_is_a_full_bank_both_readers_accept(tiny):
+    from mdm_hf.experts import load_expert_bank, read_manifest
+
+    manifest = read_manifest(tiny["buffer"])
+    assert manifest["kind"] == "full" and manifest["training"]["optimizer"] == "sgd"
+    buffer = TrajectoryBuffer(tiny["buffer"], tiny["anchor"])
+    assert buffer.num_experts == 1 and buffer.num_epochs(0) == 2 and buffer.learning_rate == 0.5
+    anchor_params = dict(tiny["anchor"].model.named_parameters())
+    assert not any(n.startswith("text_model.") or n == "logit_scale" for n in buffer.names)  # text tower frozen
+    assert all(torch.equal(buffer.checkpoint(0, 0)[n], anchor_params[n].detach()) for n in buffer.names)
+    moved = sum(float((buffer.checkpoint(0, 1)[n] - anchor_params[n]).abs().sum()) for n in buffer.names)
+    assert moved > 0
+    assert len(load_expert_bank(tiny["buffer"], tiny["anchor"]).touched_keys) == len(buffer.names)
+
+
+def test_matching_loss_is_zero_when_the_synthetic_set_reproduces_the_expert_step(tiny, tmp_path):
+    """Write a buffer whose epoch 1 IS the result of the unrolled steps on the synthetic set: loss 0, gradient 0."""
+    d = _distiller(tiny, tmp_path / "probe", similarity="lowrank", syn_steps=3)
+    d.initialize()
+    gen = torch.Generator().manual_seed(123)
+    probe = torch.Generator().manual_seed(123)
+    expert, start_epoch = d.sample_trajectory(probe)
+    batches = d.sample_batches(probe)
+    start = d.buffer.checkpoint(expert, start_epoch)
+    end = {n: t.detach() for n, t in sgd_unroll(d.inner_loss, start, d.step_sizes(), batches).items()}
+    # a buffer with that end point as epoch 1
+    fake = tmp_path / "fake-buffer"
+    shutil.copytree(tiny["buffer"], fake)
+    save_file({n: t.contiguous() for n, t in end.items()}, str(fake / "expert-0" / "epoch-1" / "model.safetensors"))
+    d2 = _distiller(tiny, tmp_path / "zero", similarity="lowrank", syn_steps=3, trajectory_buffer=str(fake))
+    d2.initialize()
+    before = d2.syn_pixels.detach().clone()
+    logs, _ = d2.training_step(gen)
+    assert logs["loss"] < 1e-10 and logs["grad_norm"] < 1e-8
+    assert torch.allclose(d2.syn_pixels.detach(), before)
+    # a target displaced by δ gives exactly ||δ||² / ||θ_0 − θ_N − δ||² per branch
+    delta = {n: 0.01 * torch.ones_like(t) for n, t in end.items()}
+    target = {n: end[n] + delta[n] for n in end}
+    loss, parts = d.matching_loss(end, start, target)
+    for group, names in d.groups.items():
+        num = sum(float((delta[n] ** 2).sum()) for n in names)
+        den = sum(float(((start[n] - target[n]) ** 2).sum()) for n in names)
+        assert float(parts[group]) == pytest.approx(num / den, rel=1e-4)
+    assert float(loss) > 0
+
+
+@pytest.mark.parametrize("unroll,similarity", [("full", "none"), ("tesla", "lowrank")])
+def test_end_to_end_distill_gives_a_valid_synthetic_set(tiny, tmp_path, unroll, similarity):
+    scores = iter([1.0, 3.0, 2.0])
+    seen = []
+
+    def validate(synthetic, step):
+        synthetic.validate()
+        seen.append(step)
+        return {"mean": next(scores)}
+
+    cfg = _config(tiny, tmp_path / "out", unroll=unroll, similarity=similarity, inner_loss="wbce" if similarity != "none" else "infonce",
+                  eval_steps=1, save_steps=2)  # fmt: skip
+    d = TrajectoryMatchingDistiller(cfg, validation_fn=validate, teacher=tiny["anchor"], train_data=tiny["train"])
+    synthetic = d.distill()
+    synthetic.validate()
+    assert len(synthetic) == 6 and synthetic.image_shape == (3, 32, 32) and seen == [1, 2, 3]
+    assert d.state.best_step == 2  # the best validation score is kept, not the last state
+    assert synthetic.provenance["best_step"] == 2
+    assert synthetic.provenance["method"].startswith("LoRS" if similarity != "none" else "MTT-VL")
+    initial = d._real_pixels(d.source_indices).cpu()
+    assert not torch.equal(synthetic.pixel_values, initial)  # learned
+    assert d.syn_lrs["image"].item() != 0.5  # the step size is learned too
+    extras = load_file(str(tmp_path / "out" / EXTRAS_FILE))
+    assert ("similarity" in extras) is (similarity != "none")
+    assert (tmp_path / "out" / "checkpoint-3" / "synthetic.safetensors").exists()
+    assert all(t.unroll > 0 for t in d.timings)
+
+
+def test_end_to_end_from_an_experts_full_finetune_bank(tiny, tmp_path):
+    """A 2-epoch full-finetune bank from mdm_hf.experts (AdamW) is read as a trajectory (syn_lr_init must be set)."""
+    from mdm_hf.experts import ExpertTrainingConfig, train_expert_bank
+
+    bank = train_expert_bank(
+        ExpertTrainingConfig(model_name_or_path=tiny["model"], dataset_name=tiny["data"], full_finetune=True,
+                             num_experts=1, num_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
+                             validation_split=None, output_dir=str(tmp_path / "bank"),
+                             cache_dir=str(tiny["root"] / "cache")),
+        anchor=tiny["anchor"],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="syn_lr_init"):
+        _distiller(tiny, tmp_path / "a", trajectory_buffer=str(bank)).initialize()
+    d = _distiller(tiny, tmp_path / "b", trajectory_buffer=str(bank), syn_lr_init=0.01, max_start_epoch=2, max_steps=2)
+    synthetic = d.distill()
+    synthetic.validate()
+    assert len(synthetic) == 6
+
+
+def test_unrolling_copies_no_module_and_never_writes_the_teacher(tiny, tmp_path, monkeypatch):
+    d = _distiller(tiny, tmp_path / "out", syn_steps=3)
+    d.initialize()
+    params = dict(tiny["anchor"].model.named_parameters())
+    snapshot = {n: (p.data_ptr(), p.detach().clone()) for n, p in params.items()}
+    created, copied = [], []
+    original_init, original_deepcopy = torch.nn.Module.__init__, copy.deepcopy
+
+    def counting_init(self, *a, **k):
+        created.append(type(self).__name__)
+        original_init(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", counting_init)
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: copied.append(a) or original_deepcopy(*a, **k))
+    for _ in range(2):
+        d.training_step(torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert created == [] and copied == []
+    for n, p in tiny["anchor"].model.named_parameters():
+        assert p.data_ptr() == snapshot[n][0] and torch.equal(p.detach(), snapshot[n][1]) and not p.requires_grad
+
+
+class _LiveSavedBytes:
+    """Peak bytes held by autograd's saved tensors (activations kept for backward), via saved-tensor hooks."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def __enter__(self):
+        class Box:
+            def __init__(box, tensor):
+                box.tensor = tensor
+
+        def pack(tensor):
+            box, size = Box(tensor), tensor.numel() * tensor.element_size()
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(box, self._release, size)
+            return box
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor)
+        self._ctx.__enter__()
+        return self
+
+    def _release(self, size):
+        self.live -= size
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def test_full_unroll_memory_grows_with_steps_and_tesla_stays_flat(tiny, tmp_path):
+    peaks = {}
+    for unroll in ("full", "tesla"):
+        for steps in (2, 6):
+            d = _distiller(tiny, tmp_path / f"{unroll}{steps}", syn_steps=steps, unroll=unroll)
+            d.initialize()
+            with _LiveSavedBytes() as meter:
+                d.training_step(torch.Generator().manual_seed(0))
+            assert meter.live == 0  # every graph is released after the step
+            peaks[unroll, steps] = meter.peak
+    assert peaks["full", 6] > 2.5 * peaks["full", 2]  # MTT keeps every step's graph
+    assert peaks["tesla", 6] < 1.2 * peaks["tesla", 2]  # TESLA keeps one step's graph at a time
+    assert peaks["tesla", 6] < peaks["full", 6] / 2
+
+
+def test_resume_continues_bit_for_bit(tiny, tmp_path):
+    straight = _distiller(tiny, tmp_path / "straight", max_steps=4, similarity="lowrank").distill()
+    first = _distiller(tiny, tmp_path / "resumed", max_steps=2, similarity="lowrank")
+    first.distill()
+    second = _distiller(tiny, tmp_path / "resumed", max_steps=4, similarity="lowrank", resume_from_checkpoint="latest")
+    resumed = second.distill()
+    assert second.state.step == 4
+    assert torch.equal(straight.pixel_values, resumed.pixel_values)
+    assert torch.equal(straight.text_features, resumed.text_features)
+
+
+def test_clear_errors_for_a_lora_bank_and_too_short_trajectories(tiny, tmp_path):
+    lora = tmp_path / "lora-bank"
+    shutil.copytree(tiny["buffer"], lora)
+    manifest = json.loads((lora / "manifest.json").read_text())
+    manifest["kind"] = "lora"
+    (lora / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="full per-epoch"):
+        TrajectoryBuffer(lora, tiny["anchor"])
+    with pytest.raises(ValueError, match="shortest has 2"):
+        _distiller(tiny, tmp_path / "x", max_start_epoch=2, expert_epochs=2).setup()
+    with pytest.raises(ValueError, match="trajectory_buffer is not set"):
+        _distiller(tiny, tmp_path / "y", trajectory_buffer=None).setup()
