@@ -40,7 +40,7 @@ class DemoConfig:
     anchor_hidden_size: int = 192
     anchor_layers: int = 4
     anchor_heads: int = 3
-    anchor_steps: int = 300
+    anchor_steps: int = 250
     anchor_batch_size: int = 128
     # experts
     num_experts: int = 2
@@ -52,7 +52,7 @@ class DemoConfig:
     teacher_mode: str = "pooled"
     lr_pixels: float = 100.0
     lr_text: float = 100.0
-    eval_steps: int = 50
+    eval_steps: int = 100
     # students
     student_steps: int = 100
     student_eval_steps: int = 10

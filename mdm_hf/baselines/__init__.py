@@ -17,7 +17,13 @@ _LAZY = {
     "tm_main": "mdm_hf.baselines.trajectory_matching",
 }
 
-__all__ = list(_LAZY)
+__all__ = [
+    "TrajectoryBuffer",
+    "TrajectoryMatchingConfig",
+    "TrajectoryMatchingDistiller",
+    "record_trajectory_buffer",
+    "tm_main",
+]
 
 if TYPE_CHECKING:
     from .trajectory_matching import (

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -115,19 +114,27 @@ class TrajectoryMatchingConfig:
     split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
     image_root: str | None = _f(None, "Directory that relative image paths are resolved against.")
     max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
-    max_cached_images: int = _f(20000, "Preprocess all real images once when the split has at most this many.")
+    max_cached_images: int = _f(
+        20000, "Preprocess all real images once when the split has at most this many."
+    )
     cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 
     # ---- synthetic set
     num_pairs: int = _f(100, "K: number of synthetic image-text pairs.")
-    init: str = _f("random", "Initial real pairs: random (LoRS) | kmeans (MDM's joint k-means) | herding | kcenter.")
+    init: str = _f(
+        "random", "Initial real pairs: random (LoRS) | kmeans (MDM's joint k-means) | herding | kcenter."
+    )
 
     # ---- trajectory matching
     syn_steps: int = _f(8, "N: differentiable SGD steps on synthetic mini-batches per iteration.")
     expert_epochs: int = _f(1, "M: the target is the expert M epochs after the start.")
-    max_start_epoch: int = _f(2, "Start epochs are drawn uniformly from 0 .. max_start_epoch - 1 (0: the anchor).")
+    max_start_epoch: int = _f(
+        2, "Start epochs are drawn uniformly from 0 .. max_start_epoch - 1 (0: the anchor)."
+    )
     mini_batch_size: int = _f(20, "Synthetic pairs per inner SGD step.")
-    unroll: str = _f("full", "full: back-propagate through all steps (MTT, exact) | tesla: constant memory (LoRS).")
+    unroll: str = _f(
+        "full", "full: back-propagate through all steps (MTT, exact) | tesla: constant memory (LoRS)."
+    )
     syn_lr_init: float | None = _f(
         None, "Initial learnable inner step size (both branches). None: the buffer's SGD learning rate."
     )
@@ -138,7 +145,9 @@ class TrajectoryMatchingConfig:
     temperature: float | None = _f(
         None, "Inner-loss temperature; None: the anchor's own logit scale (what the experts trained with)."
     )
-    similarity: str = _f("none", "Learned similarity targets: none (identity, MTT-VL) | lowrank (LoRS) | full.")
+    similarity: str = _f(
+        "none", "Learned similarity targets: none (identity, MTT-VL) | lowrank (LoRS) | full."
+    )
     sim_rank: int = _f(10, "Rank r of LoRS' low-rank similarity matrix.")
     sim_alpha: float = _f(3.0, "alpha of LoRS' low-rank similarity matrix: S = diag(a) + (alpha / r) L R^T.")
 
@@ -151,8 +160,12 @@ class TrajectoryMatchingConfig:
     momentum: float = _f(0.5, "SGD momentum of pixels and text features.")
     momentum_lr: float = _f(0.5, "SGD momentum of the step sizes.")
     momentum_sim: float = _f(0.5, "SGD momentum of the similarity parameters.")
-    max_grad_norm: float | None = _f(None, "Clip the gradient norm of pixels + text features (None: LoRS, none).")
-    min_syn_lr: float | None = _f(None, "Clamp the learned step sizes from below (LoRS' clamp_lr; None: no clamp).")
+    max_grad_norm: float | None = _f(
+        None, "Clip the gradient norm of pixels + text features (None: LoRS, none)."
+    )
+    min_syn_lr: float | None = _f(
+        None, "Clamp the learned step sizes from below (LoRS' clamp_lr; None: no clamp)."
+    )
 
     # ---- evaluation, checkpoints, logging
     eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
@@ -191,7 +204,9 @@ class TrajectoryMatchingConfig:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"TrajectoryMatchingConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
+                raise ValueError(
+                    f"TrajectoryMatchingConfig.{key}={getattr(self, key)!r}; choose one of {allowed}."
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -233,8 +248,12 @@ def soft_contrastive_loss(
     if kind == "wbce":
         per_entry = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
         positive = (targets > 0.5).detach()
-        pos = torch.where(positive, per_entry, torch.zeros_like(per_entry)).sum() / positive.sum().clamp_min(1)
-        neg = torch.where(~positive, per_entry, torch.zeros_like(per_entry)).sum() / (~positive).sum().clamp_min(1)
+        pos = torch.where(positive, per_entry, torch.zeros_like(per_entry)).sum() / positive.sum().clamp_min(
+            1
+        )
+        neg = torch.where(~positive, per_entry, torch.zeros_like(per_entry)).sum() / (
+            ~positive
+        ).sum().clamp_min(1)
         return 0.5 * (pos + neg)
     raise ValueError(f"kind must be 'infonce' or 'wbce', got {kind!r}.")
 
@@ -276,11 +295,21 @@ def normalized_parameter_distance(
 
 
 # ============================================================================================== unrolling
-def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
+def _grads(
+    loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool
+) -> tuple[torch.Tensor, ...]:
     # An unused tensor (e.g. a pooler no loss reaches) gets a zero gradient instead of None.
     return torch.autograd.grad(
         loss, list(params), create_graph=create_graph, allow_unused=True, materialize_grads=True
     )
+
+
+def _math_attention():
+    """Scaled-dot-product attention from differentiable primitives: the fused CPU / CUDA kernels have no double
+    backward, which the unrolled steps (gradients of gradients) need. Forward values are the same up to rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def sgd_unroll(
@@ -304,7 +333,8 @@ def sgd_unroll(
     names = list(params)
     current = {n: params[n].detach().requires_grad_(True) for n in names}
     for batch in batches:
-        loss = loss_fn(current, batch)
+        with _math_attention():
+            loss = loss_fn(current, batch)
         grads = _grads(loss, [current[n] for n in names], create_graph)
         if create_graph:
             current = {n: current[n] - step_sizes[n] * g for n, g in zip(names, grads)}
@@ -368,7 +398,9 @@ def unrolled_matching_gradients(
     coeff = {n: -step_sizes[n].detach() * d_end[n] for n in names}
     for theta, batch in zip(trajectory, batches):  # one step's graph at a time
         leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
-        step_grads = _grads(loss_fn(leaves, batch), [leaves[n] for n in names], create_graph=True)
+        with _math_attention():
+            step_loss = loss_fn(leaves, batch)
+        step_grads = _grads(step_loss, [leaves[n] for n in names], create_graph=True)
         inner = sum((coeff[n] * g).sum() for n, g in zip(names, step_grads))
         for acc, g in zip(total, _grads(inner, inputs, create_graph=False)):
             acc += g
@@ -383,7 +415,9 @@ class LowRankSimilarity(nn.Module):
     computed from the indexed factors (``O(b·r)`` per mini-batch, no ``K × K`` matrix).
     """
 
-    def __init__(self, num_pairs: int, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, num_pairs: int, rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.rank, self.alpha = int(rank), float(alpha)
         self.diag = nn.Parameter(torch.ones(num_pairs))
@@ -423,7 +457,11 @@ class TrajectoryBuffer:
     """
 
     def __init__(
-        self, bank_dir: str | os.PathLike, anchor: DualEncoder, revision: str | None = None, cache: bool = True
+        self,
+        bank_dir: str | os.PathLike,
+        anchor: DualEncoder,
+        revision: str | None = None,
+        cache: bool = True,
     ) -> None:
         from safetensors import safe_open
 
@@ -463,15 +501,21 @@ class TrajectoryBuffer:
                     for key in keys:
                         shape = tuple(f.get_slice(key).get_shape())
                         if key not in anchor_params or tuple(anchor_params[key].shape) != shape:
-                            raise ValueError(f"{path}: tensor '{key}' {shape} matches no anchor parameter of that shape.")
+                            raise ValueError(
+                                f"{path}: tensor '{key}' {shape} matches no anchor parameter of that shape."
+                            )
                 if names is None:
                     names = [n for n in anchor_params if n in set(keys)]  # the anchor's order
                 elif set(keys) != set(names):
-                    raise ValueError(f"{path} holds other tensors than the first checkpoint; the bank is inconsistent.")
+                    raise ValueError(
+                        f"{path} holds other tensors than the first checkpoint; the bank is inconsistent."
+                    )
             self._paths.append(paths)
             self.expert_names.append(expert["name"])
         if not self._paths or names is None:
-            raise ValueError(f"'{bank_dir}' holds no expert checkpoints (an interrupted run?). Record it again.")
+            raise ValueError(
+                f"'{bank_dir}' holds no expert checkpoints (an interrupted run?). Record it again."
+            )
         self.names: list[str] = names
         self._anchor = {n: anchor_params[n].detach().float().cpu().clone() for n in names}
         self.cache = cache
@@ -621,7 +665,8 @@ def record_trajectory_buffer(
             record["epochs"].append(entry)
             logger.info("trajectory %s epoch %d: %s", record["name"], epoch, entry)
         manifest["experts"].append(record)
-        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))  # after every expert: a readable partial
+        # after every expert: a crash leaves a readable, partial buffer
+        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         del model, optimizer
     return out
 
@@ -697,7 +742,9 @@ class TrajectoryMatchingDistiller:
                 f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
             )
         self.text_features = cached_text_features(self.teacher, data, cfg.cache_dir)
-        self.pixel_cache = preprocess_split_images(self.teacher, data) if data.num_images <= cfg.max_cached_images else None
+        self.pixel_cache = (
+            preprocess_split_images(self.teacher, data) if data.num_images <= cfg.max_cached_images else None
+        )
         if self.buffer is None:
             if cfg.trajectory_buffer is None:
                 raise ValueError(
@@ -705,7 +752,10 @@ class TrajectoryMatchingDistiller:
                     "record_trajectory_buffer(...) or `mdm-hf experts --full_finetune true` and pass the directory."
                 )
             self.buffer = TrajectoryBuffer(
-                cfg.trajectory_buffer, self.teacher, cfg.trajectory_buffer_revision, cache=cfg.cache_trajectories
+                cfg.trajectory_buffer,
+                self.teacher,
+                cfg.trajectory_buffer_revision,
+                cache=cfg.cache_trajectories,
             )
         shortest = min(self.buffer.num_epochs(i) for i in range(self.buffer.num_experts))
         if cfg.max_start_epoch - 1 + cfg.expert_epochs > shortest:
@@ -717,14 +767,19 @@ class TrajectoryMatchingDistiller:
         if self.buffer.optimizer != "sgd":
             logger.warning(
                 "The trajectory buffer was trained with %s, not SGD: the student's SGD steps match it only up to a "
-                "per-parameter scaling (MTT and LoRS record SGD experts).", self.buffer.optimizer
+                "per-parameter scaling (MTT and LoRS record SGD experts).",
+                self.buffer.optimizer,
             )
         self.names = list(self.buffer.names)
         self.groups: dict[str, list[str]] = {"image": [], "text": []}
         for name in self.names:
             self.groups[branch_of(name)].append(name)
         self.groups = {g: n for g, n in self.groups.items() if n}
-        scale = self.teacher.logit_scale.detach() if cfg.temperature is None else torch.tensor(1.0 / cfg.temperature)
+        scale = (
+            self.teacher.logit_scale.detach()
+            if cfg.temperature is None
+            else torch.tensor(1.0 / cfg.temperature)
+        )
         self.logit_scale = scale.float().to(self.device)
         self._set_up = True
 
@@ -747,7 +802,9 @@ class TrajectoryMatchingDistiller:
                 data.images(idx.tolist()))  # fmt: skip
             images.append(self.teacher.image_embeds(pixels.to(self.device)).cpu())
         zv = torch.cat(images)[data.caption_to_image]
-        zt = torch.cat([self.teacher.project_text(c.to(self.device)).cpu() for c in self.text_features.split(batch_size)])
+        zt = torch.cat(
+            [self.teacher.project_text(c.to(self.device)).cpu() for c in self.text_features.split(batch_size)]
+        )
         return joint_features(zv, zt)
 
     def initialize(self) -> torch.Tensor:
@@ -770,10 +827,14 @@ class TrajectoryMatchingDistiller:
                     f"with {self.buffer.optimizer}. Set syn_lr_init explicitly (LoRS: 0.1)."
                 )
             lr0 = float(self.buffer.learning_rate)
-        self.syn_lrs = {g: torch.tensor(float(lr0), device=self.device, requires_grad=True) for g in self.groups}
+        self.syn_lrs = {
+            g: torch.tensor(float(lr0), device=self.device, requires_grad=True) for g in self.groups
+        }
         gen = torch.Generator().manual_seed(cfg.seed + 104729)
         if cfg.similarity == "lowrank":
-            self.similarity: nn.Module | None = LowRankSimilarity(cfg.num_pairs, cfg.sim_rank, cfg.sim_alpha, gen)
+            self.similarity: nn.Module | None = LowRankSimilarity(
+                cfg.num_pairs, cfg.sim_rank, cfg.sim_alpha, gen
+            )
         elif cfg.similarity == "full":
             self.similarity = FullSimilarity(cfg.num_pairs)
         else:
@@ -786,9 +847,12 @@ class TrajectoryMatchingDistiller:
             {"params": list(self.syn_lrs.values()), "lr": cfg.lr_lr, "momentum": cfg.momentum_lr},
         ]
         if self.similarity is not None:
-            groups.append({"params": list(self.similarity.parameters()), "lr": cfg.lr_sim, "momentum": cfg.momentum_sim})
+            groups.append(
+                {"params": list(self.similarity.parameters()), "lr": cfg.lr_sim, "momentum": cfg.momentum_sim}
+            )
         self.optimizer = torch.optim.SGD(groups, lr=0.0)
         self._generator = torch.Generator().manual_seed(cfg.seed + 1)  # expert / epoch / mini-batch draws
+        self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
         return chosen
 
     @property
@@ -821,7 +885,9 @@ class TrajectoryMatchingDistiller:
         """``(z_v, z_t)`` of the teacher with its trained tensors replaced by ``params`` (``functional_call``)."""
         from torch.func import functional_call
 
-        return functional_call(self.teacher, {f"model.{n}": p for n, p in params.items()}, (pixels, text_features))
+        return functional_call(
+            self.teacher, {f"model.{n}": p for n, p in params.items()}, (pixels, text_features)
+        )
 
     def inner_loss(self, params: Mapping[str, torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         """``ℓ(θ; B)``: the contrastive loss of the synthetic mini-batch ``B`` under parameters ``θ``."""
@@ -855,7 +921,9 @@ class TrajectoryMatchingDistiller:
         expert, start = self.sample_trajectory(generator)
         batches = self.sample_batches(generator)
         start_params = {n: t.to(self.device) for n, t in self.buffer.checkpoint(expert, start).items()}
-        target = {n: t.to(self.device) for n, t in self.buffer.checkpoint(expert, start + cfg.expert_epochs).items()}
+        target = {
+            n: t.to(self.device) for n, t in self.buffer.checkpoint(expert, start + cfg.expert_epochs).items()
+        }
         t1 = time.perf_counter()
         timings.load = t1 - t0
         parts: dict[str, torch.Tensor] = {}
@@ -912,7 +980,6 @@ class TrajectoryMatchingDistiller:
         self.setup()
         resume = self._resolve_resume()
         self.initialize()
-        self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
         if resume is not None:
             self.load_checkpoint(resume)
         cfg.save(Path(cfg.output_dir) / "tm_config.json")
@@ -945,7 +1012,11 @@ class TrajectoryMatchingDistiller:
         metrics = self.validation_fn(self.synthetic_set(pixels, text), step)
         score = float(metrics["mean"])
         self.state.history.append(
-            {"step": step, "distill_seconds": self._distill_seconds, **{k: float(v) for k, v in metrics.items()}}
+            {
+                "step": step,
+                "distill_seconds": self._distill_seconds,
+                **{k: float(v) for k, v in metrics.items()},
+            }
         )
         if self.state.best_score is None or score > self.state.best_score:
             self.state.best_score, self.state.best_step = score, step
@@ -1024,7 +1095,12 @@ class TrajectoryMatchingDistiller:
     def _prepare_output_dir(self) -> None:
         cfg = self.config
         out = Path(cfg.output_dir)
-        if out.exists() and any(out.iterdir()) and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        if (
+            out.exists()
+            and any(out.iterdir())
+            and not cfg.resume_from_checkpoint
+            and not cfg.overwrite_output_dir
+        ):
             raise FileExistsError(
                 f"output_dir '{out}' is not empty. Resume with resume_from_checkpoint='latest', pass "
                 "overwrite_output_dir=True to start over in it, or choose another output_dir."
@@ -1037,7 +1113,11 @@ class TrajectoryMatchingDistiller:
             return None
         if spec == "latest":
             found = sorted(
-                (p for p in Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name.split("-")[-1].isdigit()),
+                (
+                    p
+                    for p in Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                    if p.name.split("-")[-1].isdigit()
+                ),
                 key=lambda p: int(p.name.split("-")[-1]),
             )
             if not found:
@@ -1046,7 +1126,9 @@ class TrajectoryMatchingDistiller:
             return found[-1]
         path = Path(spec)
         if not (path / "synthetic.safetensors").exists():
-            raise FileNotFoundError(f"'{path}' is not a trajectory-matching checkpoint (no synthetic.safetensors).")
+            raise FileNotFoundError(
+                f"'{path}' is not a trajectory-matching checkpoint (no synthetic.safetensors)."
+            )
         return path
 
     def save_checkpoint(self, generator: torch.Generator) -> Path:
@@ -1070,7 +1152,12 @@ class TrajectoryMatchingDistiller:
             **{f"syn_lr.{g}": v.detach().cpu().reshape(1) for g, v in self.syn_lrs.items()},
         }
         if self.similarity is not None:
-            tensors.update({f"similarity.{n}": p.detach().cpu().contiguous() for n, p in self.similarity.named_parameters()})
+            tensors.update(
+                {
+                    f"similarity.{n}": p.detach().cpu().contiguous()
+                    for n, p in self.similarity.named_parameters()
+                }
+            )
         save_file(tensors, str(tmp / "synthetic.safetensors"))
         opt_tensors, opt_meta = _flatten_optimizer_state(self.optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -1081,7 +1168,11 @@ class TrajectoryMatchingDistiller:
         os.replace(tmp, path)  # a crash mid-write never corrupts the previous checkpoint
         if cfg.save_total_limit:
             found = sorted(
-                (p for p in Path(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name.split("-")[-1].isdigit()),
+                (
+                    p
+                    for p in Path(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+                    if p.name.split("-")[-1].isdigit()
+                ),
                 key=lambda p: int(p.name.split("-")[-1]),
             )
             for old in found[: -cfg.save_total_limit]:
@@ -1098,7 +1189,10 @@ class TrajectoryMatchingDistiller:
         path = Path(path)
         tensors = load_file(str(path / "synthetic.safetensors"))
         state = json.loads((path / "trainer_state.json").read_text())
-        if tensors["pixel_values"].shape != self.syn_pixels.shape or tensors["text_features"].shape != self.syn_text.shape:
+        if (
+            tensors["pixel_values"].shape != self.syn_pixels.shape
+            or tensors["text_features"].shape != self.syn_text.shape
+        ):
             raise ValueError(
                 f"Checkpoint {path} holds tensors of shape {tuple(tensors['pixel_values'].shape)} / "
                 f"{tuple(tensors['text_features'].shape)}, but this run expects {tuple(self.syn_pixels.shape)} / "
