@@ -71,9 +71,9 @@ def _scalar_case():
 def test_two_sgd_steps_match_the_hand_computed_parameters_and_gradients():
     x, eta, loss_fn, start, target, batches = _scalar_case()
     end = sgd_unroll(loss_fn, start, {"w": eta}, batches)
-    assert float(end["w"]) == pytest.approx(HAND["w2"], abs=1e-12)
+    assert float(end["w"].detach()) == pytest.approx(HAND["w2"], abs=1e-12)
     loss, parts = normalized_parameter_distance(end, start, target)
-    assert float(loss) == pytest.approx(HAND["loss"], abs=1e-12)
+    assert float(loss.detach()) == pytest.approx(HAND["loss"], abs=1e-12)
     gx, geta = torch.autograd.grad(loss, [x, eta])
     assert gx.tolist() == pytest.approx(
         [HAND["dL_dw2"] * EXACT["x0"], HAND["dL_dw2"] * EXACT["x1"]], abs=1e-12
@@ -135,7 +135,7 @@ def test_full_unroll_gradients_match_central_finite_differences():
 
     def value() -> float:
         with torch.enable_grad():
-            return float(meta(sgd_unroll(loss_fn, start, lrs, batches)))
+            return float(meta(sgd_unroll(loss_fn, start, lrs, batches)).detach())
 
     eps = 1e-6
     for tensor, grad in zip(inputs, grads):
@@ -278,7 +278,9 @@ def test_recorded_buffer_is_a_full_bank_both_readers_accept(tiny):
     frozen = [n for n in buffer.names if n.startswith("text_model.") or n == "logit_scale"]
     assert frozen == []  # the text tower and the temperature are not trained
     assert all(torch.equal(buffer.checkpoint(0, 0)[n], anchor_params[n].detach()) for n in buffer.names)
-    moved = sum(float((buffer.checkpoint(0, 1)[n] - anchor_params[n]).abs().sum()) for n in buffer.names)
+    moved = sum(
+        float((buffer.checkpoint(0, 1)[n] - anchor_params[n].detach()).abs().sum()) for n in buffer.names
+    )
     assert moved > 0
     assert len(load_expert_bank(tiny["buffer"], tiny["anchor"]).touched_keys) == len(buffer.names)
 
@@ -460,3 +462,30 @@ def test_clear_errors_for_a_lora_bank_and_too_short_trajectories(tiny, tmp_path)
         _distiller(tiny, tmp_path / "x", max_start_epoch=2, expert_epochs=2).setup()
     with pytest.raises(ValueError, match="trajectory_buffer is not set"):
         _distiller(tiny, tmp_path / "y", trajectory_buffer=None).setup()
+
+
+# ============================================================================================ the benchmark's helpers
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "tm_vs_mdm.py"
+    spec = importlib.util.spec_from_file_location("tm_vs_mdm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_time_to_95_percent_and_lors_presets():
+    bench = _benchmark_module()
+    records = [{"step": 25, "seconds": 10.0, "mean": 4.0}, {"step": 50, "seconds": 20.0, "mean": 9.6},
+               {"step": 75, "seconds": 30.0, "mean": 10.0}, {"step": 100, "seconds": 40.0, "mean": 9.0}]  # fmt: skip
+    got = bench.time_to_fraction(records)
+    # best 10.0 at step 75; the first point >= 9.5 is step 50 (9.6), not step 100 (9.0 < 9.5)
+    assert got["best_step"] == 75 and got["steps_to_95pct"] == 50 and got["seconds_to_95pct"] == 20.0
+    faithful = bench.lors_preset(480, faithful=True)
+    assert faithful["preset_budget"] == 500 and faithful["lr_sim"] == 100.0 and "min_syn_lr" not in faithful
+    assert bench.lors_preset(150)["preset_budget"] == 100  # tie between 100 and 200 goes to the smaller
+    stable = bench.lors_preset(100)
+    assert stable["lr_lr"] == pytest.approx(1e-4) and stable["lr_sim"] == pytest.approx(0.1)
+    TrajectoryMatchingConfig(**{k: v for k, v in stable.items() if k != "preset_budget"})  # valid fields

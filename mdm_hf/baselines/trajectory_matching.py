@@ -942,7 +942,7 @@ class TrajectoryMatchingDistiller:
             path = self.save_checkpoint(self._generator)
             raise FloatingPointError(
                 f"The matching loss or its gradient became non-finite at step {self.state.step} (loss={float(loss)}, "
-                f"step sizes={ {g: float(v) for g, v in self.syn_lrs.items()} }). The last good state is in {path}. "
+                f"step sizes={ {g: float(v.detach()) for g, v in self.syn_lrs.items()} }). The last good state is in {path}. "
                 "Lower lr_pixels / lr_text / lr_lr, set max_grad_norm or min_syn_lr, and resume."
             )
         for param, grad in zip(self.trainable, grads):
@@ -962,7 +962,7 @@ class TrajectoryMatchingDistiller:
         logs = {
             "loss": float(loss),
             **{f"loss/{g}": float(v) for g, v in parts.items()},
-            **{f"syn_lr/{g}": float(v) for g, v in self.syn_lrs.items()},
+            **{f"syn_lr/{g}": float(v.detach()) for g, v in self.syn_lrs.items()},
             "grad_norm": float(grad_norm),
             "expert": expert,
             "start_epoch": start,
@@ -1072,7 +1072,7 @@ class TrajectoryMatchingDistiller:
             "selection": cfg.init,
             "best_step": self.state.best_step,
             "steps": self.state.step,
-            "syn_lrs": {g: float(v) for g, v in self.syn_lrs.items()},
+            "syn_lrs": {g: float(v.detach()) for g, v in self.syn_lrs.items()},
             "config": cfg.to_dict(),
             "versions": {"mdm_hf": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
