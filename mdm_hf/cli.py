@@ -98,6 +98,12 @@ def _data(argv: Sequence[str]) -> int:
     return 0
 
 
+def _tm(argv: Sequence[str]) -> int:
+    from .baselines.trajectory_matching import tm_main
+
+    return tm_main(argv)
+
+
 def _demo(argv: Sequence[str]) -> int:
     from .demo import demo_main
 
@@ -110,6 +116,7 @@ COMMANDS = {
     "anchor": (_anchor, "Pre-train a small dual-encoder anchor (vision tower + frozen text encoder)."),
     "evaluate": (_evaluate, "Train students on a synthetic set or coresets; validation-selected, test once."),
     "data": (_data, "Build a dataset offline (emojicaps)."),
+    "tm": (_tm, "Baseline: distill with trajectory matching (MTT-VL / LoRS style) for comparisons."),
     "demo": (_demo, "The whole pipeline offline on EmojiCaps: anchor, experts, MDM, students, card."),
 }
 

@@ -426,6 +426,7 @@ class SyntheticSet:
             source_split=prov.get("source_split"),
             selection=prov.get("selection") or "unknown",
             has_expert_bank=bool(prov.get("expert_bank")),
+            method=prov.get("method") or "MDM",
             text_encoder=prov.get("text_encoder") or prov.get("teacher") or "the teacher's text encoder",
             created_with=prov["created_with"],
             license_text=prov.get("license") or "unknown",
