@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,6 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpointing import (
+    CHECKPOINT_PREFIX,
+    flatten_optimizer_state,
+    prepare_output_dir,
+    resolve_resume,
+    unflatten_optimizer_state,
+    write_checkpoint,
+)
 from .config import MDMConfig
 from .data import ImageCaptionSplit, cached_text_features, load_image_caption_dataset, preprocess_split_images
 from .models import DualEncoder
@@ -37,7 +44,6 @@ from .models import DualEncoder
 logger = logging.getLogger(__name__)
 
 ValidationFn = Callable[["object", int], dict]  # (SyntheticSet, step) -> metrics with a "mean" key
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -355,7 +361,8 @@ class MDMDistiller:
         )  # the tensors are still the last good ones: nothing stepped
         raise NonFiniteLossError(
             f"The {what} became non-finite at step {self.state.step} (loss={out.loss.item()}, contrastive="
-            f"{float(out.contrastive)}, agreement={float(out.agreement)}, discrepancy={float(out.discrepancy)}). "
+            f"{float(out.contrastive.detach())}, agreement={float(out.agreement.detach())}, "
+            f"discrepancy={float(out.discrepancy.detach())}). "
             f"The last good state is saved in {path}. Lower lr_pixels / lr_text, keep max_grad_norm set, or check "
             "the teacher and data for NaNs; resume with --resume_from_checkpoint."
         )
@@ -477,84 +484,33 @@ class MDMDistiller:
     # ================================================================== checkpoints
     def _prepare_output_dir(self) -> None:
         cfg = self.config
-        out = Path(cfg.output_dir)
-        if (
-            out.exists()
-            and any(out.iterdir())
-            and not cfg.resume_from_checkpoint
-            and not cfg.overwrite_output_dir
-        ):
-            raise FileExistsError(
-                f"output_dir '{out}' is not empty. Resume with --resume_from_checkpoint latest, pass "
-                "--overwrite_output_dir to start over in it, or choose another --output_dir."
-            )
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(cfg.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
         self.accelerator.wait_for_everyone()  # every rank has checked before any rank writes
 
     def _resolve_resume(self) -> Path | None:
-        spec = self.config.resume_from_checkpoint
-        if not spec:
-            return None
-        if spec == "latest":
-            found = sorted(
-                Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*"),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            if not found:
-                logger.warning("No checkpoint in %s; starting from scratch.", self.config.output_dir)
-                return None
-            return found[-1]
-        path = Path(spec)
-        if not (path / "synthetic.safetensors").exists():
-            raise FileNotFoundError(f"'{path}' is not an MDM checkpoint (no synthetic.safetensors).")
-        return path
+        return resolve_resume(
+            self.config.resume_from_checkpoint, self.config.output_dir, "synthetic.safetensors"
+        )
 
     def save_checkpoint(self, generator: torch.Generator) -> Path:
         """Write ``checkpoint-<step>/``: tensors, best tensors, optimiser state, RNG state (safetensors) + JSON."""
-        from safetensors.torch import save_file
-
         acc, cfg = self.accelerator, self.config
         path = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.step}"
         if acc.is_main_process:
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(
-                {
-                    "pixel_values": self.syn_pixels.detach().cpu().contiguous(),
-                    "text_features": self.syn_text.detach().cpu().contiguous(),
-                    "best_pixel_values": self._best[0].contiguous(),
-                    "best_text_features": self._best[1].contiguous(),
-                    "source_indices": self.source_indices.contiguous(),
-                    "rng_state": generator.get_state(),
-                },
-                str(tmp / "synthetic.safetensors"),
-            )
-            opt_tensors, opt_meta = _flatten_optimizer_state(self.optimizer.state_dict())
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            synthetic = {
+                "pixel_values": self.syn_pixels,
+                "text_features": self.syn_text,
+                "best_pixel_values": self._best[0],
+                "best_text_features": self._best[1],
+                "source_indices": self.source_indices,
+                "rng_state": generator.get_state(),
+            }
+            opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
             state = {**self.state.__dict__, "optimizer": opt_meta, "config": cfg.to_dict()}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)  # a crash mid-write never corrupts the previous checkpoint
-            self._rotate_checkpoints(keep=path)
+            files = {"synthetic.safetensors": synthetic, "optimizer.safetensors": opt_tensors}
+            write_checkpoint(path, files, state, keep=cfg.save_total_limit)
         acc.wait_for_everyone()
         return path
-
-    def _rotate_checkpoints(self, keep: Path) -> None:
-        limit = self.config.save_total_limit
-        if not limit:
-            return
-        found = sorted(
-            (
-                p
-                for p in Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-                if p.name.split("-")[-1].isdigit()
-            ),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for old in found[:-limit]:
-            if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore tensors, optimiser, RNG and loop state from ``path`` (must follow :meth:`initialize`)."""
@@ -578,31 +534,10 @@ class MDMDistiller:
         self.source_indices = tensors["source_indices"].long()
         self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
         self._generator.set_state(tensors["rng_state"])
-        opt = _unflatten_optimizer_state(
+        opt = unflatten_optimizer_state(
             load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")
         )
         self.optimizer.load_state_dict(opt)
         state.pop("config", None)
         self.state = DistillState(**state)
         logger.info("Resumed from %s at step %d", path, self.state.step)
-
-
-def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimiser state dict into safetensors-storable tensors and JSON metadata (no pickle)."""
-    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
-    for pid, pstate in state_dict["state"].items():
-        meta["state"][str(pid)] = {}
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-                meta["state"][str(pid)][key] = "__tensor__"
-            else:
-                meta["state"][str(pid)][key] = value
-    return tensors, meta
-
-
-def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state = {}
-    for pid, pstate in meta["state"].items():
-        state[int(pid)] = {k: tensors[f"{pid}.{k}"] if v == "__tensor__" else v for k, v in pstate.items()}
-    return {"state": state, "param_groups": meta["param_groups"]}

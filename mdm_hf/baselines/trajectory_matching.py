@@ -49,6 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpointing import (
+    CHECKPOINT_PREFIX,
+    flatten_optimizer_state,
+    prepare_output_dir,
+    resolve_resume,
+    unflatten_optimizer_state,
+    write_checkpoint,
+)
 from ..models import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -69,7 +77,6 @@ __all__ = [
     "tm_main",
 ]
 
-CHECKPOINT_PREFIX = "checkpoint-"
 EXTRAS_FILE = "tm_extras.safetensors"
 TEXT_PROJECTION_PREFIXES = ("text_projection.", "text_model.head.")
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -1094,97 +1101,39 @@ class TrajectoryMatchingDistiller:
     # ================================================================== checkpoints
     def _prepare_output_dir(self) -> None:
         cfg = self.config
-        out = Path(cfg.output_dir)
-        if (
-            out.exists()
-            and any(out.iterdir())
-            and not cfg.resume_from_checkpoint
-            and not cfg.overwrite_output_dir
-        ):
-            raise FileExistsError(
-                f"output_dir '{out}' is not empty. Resume with resume_from_checkpoint='latest', pass "
-                "overwrite_output_dir=True to start over in it, or choose another output_dir."
-            )
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(cfg.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
 
     def _resolve_resume(self) -> Path | None:
-        spec = self.config.resume_from_checkpoint
-        if not spec:
-            return None
-        if spec == "latest":
-            found = sorted(
-                (
-                    p
-                    for p in Path(self.config.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-                    if p.name.split("-")[-1].isdigit()
-                ),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            if not found:
-                logger.warning("No checkpoint in %s; starting from scratch.", self.config.output_dir)
-                return None
-            return found[-1]
-        path = Path(spec)
-        if not (path / "synthetic.safetensors").exists():
-            raise FileNotFoundError(
-                f"'{path}' is not a trajectory-matching checkpoint (no synthetic.safetensors)."
-            )
-        return path
+        return resolve_resume(
+            self.config.resume_from_checkpoint, self.config.output_dir, "synthetic.safetensors"
+        )
 
     def save_checkpoint(self, generator: torch.Generator) -> Path:
         """``checkpoint-<step>/``: tensors, best tensors, step sizes, similarity, optimiser and RNG state + JSON."""
-        from safetensors.torch import save_file
-
-        from ..distill import _flatten_optimizer_state
-
         cfg = self.config
         path = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.step}"
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors = {
-            "pixel_values": self.syn_pixels.detach().cpu().contiguous(),
-            "text_features": self.syn_text.detach().cpu().contiguous(),
-            "best_pixel_values": self._best[0].contiguous(),
-            "best_text_features": self._best[1].contiguous(),
-            "source_indices": self.source_indices.contiguous(),
+        synthetic = {
+            "pixel_values": self.syn_pixels,
+            "text_features": self.syn_text,
+            "best_pixel_values": self._best[0],
+            "best_text_features": self._best[1],
+            "source_indices": self.source_indices,
             "rng_state": generator.get_state(),
-            **{f"syn_lr.{g}": v.detach().cpu().reshape(1) for g, v in self.syn_lrs.items()},
+            **{f"syn_lr.{g}": v.reshape(1) for g, v in self.syn_lrs.items()},
         }
         if self.similarity is not None:
-            tensors.update(
-                {
-                    f"similarity.{n}": p.detach().cpu().contiguous()
-                    for n, p in self.similarity.named_parameters()
-                }
-            )
-        save_file(tensors, str(tmp / "synthetic.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer_state(self.optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            synthetic.update({f"similarity.{n}": p for n, p in self.similarity.named_parameters()})
+        opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
         state = {**self.state.__dict__, "distill_seconds": self._distill_seconds, "optimizer": opt_meta,
                  "config": cfg.to_dict()}  # fmt: skip
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)  # a crash mid-write never corrupts the previous checkpoint
-        if cfg.save_total_limit:
-            found = sorted(
-                (
-                    p
-                    for p in Path(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-                    if p.name.split("-")[-1].isdigit()
-                ),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            for old in found[: -cfg.save_total_limit]:
-                if old != path:
-                    shutil.rmtree(old, ignore_errors=True)
-        return path
+        files = {"synthetic.safetensors": synthetic, "optimizer.safetensors": opt_tensors}
+        return write_checkpoint(path, files, state, keep=cfg.save_total_limit)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore tensors, step sizes, similarity, optimiser, RNG and loop state (call after :meth:`initialize`)."""
         from safetensors.torch import load_file
 
-        from ..distill import DistillState, _unflatten_optimizer_state
+        from ..distill import DistillState
 
         path = Path(path)
         tensors = load_file(str(path / "synthetic.safetensors"))
@@ -1209,7 +1158,7 @@ class TrajectoryMatchingDistiller:
         self.source_indices = tensors["source_indices"].long()
         self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
         self._generator.set_state(tensors["rng_state"])
-        self.optimizer.load_state_dict(_unflatten_optimizer_state(load_file(str(path / "optimizer.safetensors")),
+        self.optimizer.load_state_dict(unflatten_optimizer_state(load_file(str(path / "optimizer.safetensors")),
                                                                   state.pop("optimizer")))  # fmt: skip
         state.pop("config", None)
         self._distill_seconds = float(state.pop("distill_seconds", 0.0))

@@ -1,0 +1,97 @@
+"""Checkpoints of distillation runs: safetensors + JSON, written atomically, rotated, resumable (no pickle).
+
+Shared by :class:`~mdm_hf.distill.MDMDistiller` and the trajectory-matching baseline, whose checkpoints have the
+same layout: ``<output_dir>/checkpoint-<step>/`` with ``*.safetensors`` files and ``trainer_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: bool) -> Path:
+    """Create ``output_dir``; refuse a non-empty one unless resuming or overwriting (nothing is lost silently)."""
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not resuming and not overwrite:
+        raise FileExistsError(
+            f"output_dir '{out}' is not empty. Resume with --resume_from_checkpoint latest, pass "
+            "--overwrite_output_dir to start over in it, or choose another --output_dir."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-<step>`` directories of a run, oldest first."""
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(spec: str | None, output_dir: str | os.PathLike, marker: str) -> Path | None:
+    """``None`` | ``"latest"`` | a checkpoint directory -> the directory to resume from (or None)."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("No checkpoint in %s; starting from scratch.", output_dir)
+            return None
+        return found[-1]
+    path = Path(spec)
+    if not (path / marker).exists():
+        raise FileNotFoundError(f"'{path}' is not a checkpoint of this kind of run (no {marker}).")
+    return path
+
+
+def write_checkpoint(
+    path: Path, files: dict[str, dict[str, torch.Tensor]], state: dict, keep: int | None = None
+) -> Path:
+    """Write ``{file name: tensors}`` and ``state`` into ``path`` atomically, then keep the ``keep`` newest."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, tensors in files.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # a crash mid-write never corrupts the previous checkpoint
+    if keep:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state dict into safetensors-storable tensors and JSON metadata."""
+    tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for pid, pstate in state_dict["state"].items():
+        meta["state"][str(pid)] = {}
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value
+                meta["state"][str(pid)][key] = "__tensor__"
+            else:
+                meta["state"][str(pid)][key] = value
+    return tensors, meta
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state = {}
+    for pid, pstate in meta["state"].items():
+        state[int(pid)] = {k: tensors[f"{pid}.{k}"] if v == "__tensor__" else v for k, v in pstate.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
