@@ -105,7 +105,7 @@ def compare(cfg: DemoConfig, data: Path, anchor: Path, work: Path, k: int, metho
     return _json(path, {k2: v for k2, v in results.items()})
 
 
-def ablations(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path) -> dict:
+def ablations(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path, only=None) -> dict:
     """Validation-only ablations at K=100 (best validation mean recall of the distiller's hook)."""
     from mdm_hf.experts import load_expert_bank
     from mdm_hf.merge import ExpertBank
@@ -121,10 +121,14 @@ def ablations(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path)
         "teacher mode: fresh (paper)": dict(teacher_mode="fresh"),
     }
     for name, overrides in runs.items():
+        if only is not None and name not in only:
+            continue
         tag = "ablate-" + "".join(c if c.isalnum() else "_" for c in name)
         _, rec = distill_k(cfg, data, anchor, bank, work, 100, tag, **overrides)
         out[name] = {"best_validation_mean": rec["best_validation_mean"], "best_step": rec["best_step"],
                      "seconds_per_iteration": rec["seconds_per_iteration"]}  # fmt: skip
+    if only is not None and "teacher: single expert" not in only:
+        return out
     # single expert: one checkpoint (the last epoch of expert 0) as a fixed teacher, full offset (alpha = 1)
     teacher = DualEncoder.from_pretrained(str(anchor))
     full = load_expert_bank(str(bank), teacher)
@@ -172,6 +176,9 @@ def main(argv=None) -> int:
         "--only_ablations", action="store_true", help="run the ablations (e.g. in a 2nd process)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ablations", nargs="+", default=None, help="names of the ablations to run (default all)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = replace(BENCH, student_seeds=args.seeds)
@@ -184,7 +191,7 @@ def main(argv=None) -> int:
     bank = train_experts(cfg, data, anchor, work / "experts")
     stage_seconds = {"setup": time.perf_counter() - start}
     if args.only_ablations:
-        abl = ablations(cfg, data, anchor, bank, work)
+        abl = ablations(cfg, data, anchor, bank, work, only=args.ablations)
         _json(work / "ablations.json", abl)
         print(json.dumps(abl, indent=2))
         return 0
