@@ -172,6 +172,19 @@ def measure(d, steps: int, warmup: int = 3) -> dict:
     return med
 
 
+def measure_sizes(teacher, bank, sizes, mode: str, steps: int, tmp: Path) -> dict:
+    """Per-iteration seconds for two real-set sizes, interleaved step by step so both see the same machine."""
+    runs = {n: make_distiller(teacher, bank, 100, n, mode, 2, tmp / f"{mode}{n}") for n in sizes}
+    gen = torch.Generator().manual_seed(3)
+    times = {n: [] for n in sizes}
+    for i in range(steps + 3):
+        for n, d in runs.items():
+            _, t = d.training_step(gen)
+            if i >= 3:  # warm-up
+                times[n].append(t.total)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def kmeans_timing(n: int, dim: int = 512, k: int = 1000) -> float:
     from mdm_hf.selection import kmeans_select
 
@@ -198,22 +211,36 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="small sizes, no result files")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only_sizes", action="store_true", help="re-measure only the real-set-size comparison"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())
     teacher = build_teacher(tmp / "teacher")
     bank = random_lora_bank(teacher)
     sizes = (1000, 4000) if args.quick else (1000, 100_000)
+    if args.only_sizes:
+        results = json.loads((RESULTS / "cost.json").read_text())
+        results["real_set_size"] = {}
+        for mode in ("fresh", "pooled"):
+            for n, sec in measure_sizes(teacher, bank, sizes, mode, args.steps, tmp).items():
+                results["real_set_size"][f"{mode}/{n}"] = sec
+            print(mode, results["real_set_size"], flush=True)
+        results["command_sizes"] = "python benchmarks/cost.py " + " ".join(argv or sys.argv[1:])
+        (RESULTS / "cost.json").write_text(json.dumps(results, indent=2))
+        (RESULTS / "cost.md").write_text(render_table(results))
+        print(render_table(results))
+        return 0
     results = {"modes": {}, "real_set_size": {}}
     for mode in ("fresh", "pooled"):
         d = make_distiller(teacher, bank, 100, sizes[0], mode, 8, tmp / mode)
         results["modes"][mode] = measure(d, args.steps)
         print(mode, json.dumps({k: round(v, 4) for k, v in results["modes"][mode].items()}), flush=True)
-    for n in sizes:
-        for mode in ("fresh", "pooled"):
-            d = make_distiller(teacher, bank, 100, n, mode, 2, tmp / f"{mode}{n}")
-            results["real_set_size"][f"{mode}/{n}"] = measure(d, args.steps)["total"]
-            print(mode, n, results["real_set_size"][f"{mode}/{n}"], flush=True)
+    for mode in ("fresh", "pooled"):
+        for n, sec in measure_sizes(teacher, bank, sizes, mode, args.steps, tmp).items():
+            results["real_set_size"][f"{mode}/{n}"] = sec
+        print(mode, results["real_set_size"], flush=True)
     results["kmeans_seconds"] = {
         str(n): kmeans_timing(n) for n in ((10_000,) if args.quick else (10_000, 100_000))
     }
@@ -247,7 +274,13 @@ def render_table(r: dict) -> str:
             f"| {mode} | {m['merge']:.4f} | {m['real']:.4f} | {m['synthetic']:.4f} | {m['loss']:.4f} | "
             f"{m['backward']:.4f} | {m['total']:.4f} | {m['floor']:.4f} | {m['ratio_to_floor']:.2f} |"
         )
-    lines += ["", "| real set size | fresh (s/iter) | pooled (s/iter) |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Real-set size (interleaved step by step; `{r.get('command_sizes', r['command'])}`):",
+        "",
+        "| real set size | fresh (s/iter) | pooled (s/iter) |",
+        "|---|---|---|",
+    ]
     sizes = sorted({int(k.split("/")[1]) for k in r["real_set_size"]})
     for n in sizes:
         lines.append(
