@@ -24,7 +24,8 @@ def test_demo_pipeline_writes_a_loadable_synthetic_set_with_results(tmp_path, ca
     assert [r["method"] for r in saved["results"]["rows"]] == ["MDM", "Random"]
     assert all(r["pairs"] == 8 for r in saved["results"]["rows"])
 
-    ds = datasets.load_dataset(summary["synthetic"])["train"]
+    # datasets 5.2 caches local folders by their name: another test's ".../synthetic" would be served otherwise
+    ds = datasets.load_dataset(summary["synthetic"], cache_dir=str(tmp_path / "hf-cache"))["train"]
     assert len(ds) == 8 and ds[0]["image"].size == (16, 16)
     card = DatasetCard.load(str(tmp_path / "demo" / "synthetic" / "README.md"))
     assert "dataset-distillation" in card.data.tags
