@@ -75,6 +75,27 @@ def write_checkpoint(
     return path
 
 
+def read_checkpoint(
+    path: str | os.PathLike, pixel_shape: torch.Size, text_shape: torch.Size
+) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(synthetic tensors, loop state, optimiser state dict)`` of a checkpoint made for tensors of these shapes."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tensors = load_file(str(path / "synthetic.safetensors"))
+    state = json.loads((path / STATE_FILE).read_text())
+    if tensors["pixel_values"].shape != pixel_shape or tensors["text_features"].shape != text_shape:
+        raise ValueError(
+            f"Checkpoint {path} holds tensors of shape {tuple(tensors['pixel_values'].shape)} / "
+            f"{tuple(tensors['text_features'].shape)}, but this run expects {tuple(pixel_shape)} / "
+            f"{tuple(text_shape)}. Resume with the config the checkpoint was made with."
+        )
+    optimizer = unflatten_optimizer_state(
+        load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")
+    )
+    return tensors, state, optimizer
+
+
 def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser state dict into safetensors-storable tensors and JSON metadata."""
     tensors, meta = {}, {"param_groups": state_dict["param_groups"], "state": {}}

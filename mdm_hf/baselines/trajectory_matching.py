@@ -53,8 +53,8 @@ from ..checkpointing import (
     CHECKPOINT_PREFIX,
     flatten_optimizer_state,
     prepare_output_dir,
+    read_checkpoint,
     resolve_resume,
-    unflatten_optimizer_state,
     write_checkpoint,
 )
 from ..models import DualEncoder
@@ -1131,22 +1131,10 @@ class TrajectoryMatchingDistiller:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore tensors, step sizes, similarity, optimiser, RNG and loop state (call after :meth:`initialize`)."""
-        from safetensors.torch import load_file
 
         from ..distill import DistillState
 
-        path = Path(path)
-        tensors = load_file(str(path / "synthetic.safetensors"))
-        state = json.loads((path / "trainer_state.json").read_text())
-        if (
-            tensors["pixel_values"].shape != self.syn_pixels.shape
-            or tensors["text_features"].shape != self.syn_text.shape
-        ):
-            raise ValueError(
-                f"Checkpoint {path} holds tensors of shape {tuple(tensors['pixel_values'].shape)} / "
-                f"{tuple(tensors['text_features'].shape)}, but this run expects {tuple(self.syn_pixels.shape)} / "
-                f"{tuple(self.syn_text.shape)}. Resume with the config the checkpoint was made with."
-            )
+        tensors, state, opt = read_checkpoint(path, self.syn_pixels.shape, self.syn_text.shape)
         with torch.no_grad():
             self.syn_pixels.copy_(tensors["pixel_values"])
             self.syn_text.copy_(tensors["text_features"])
@@ -1158,8 +1146,7 @@ class TrajectoryMatchingDistiller:
         self.source_indices = tensors["source_indices"].long()
         self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
         self._generator.set_state(tensors["rng_state"])
-        self.optimizer.load_state_dict(unflatten_optimizer_state(load_file(str(path / "optimizer.safetensors")),
-                                                                  state.pop("optimizer")))  # fmt: skip
+        self.optimizer.load_state_dict(opt)
         state.pop("config", None)
         self._distill_seconds = float(state.pop("distill_seconds", 0.0))
         self.state = DistillState(**state)
