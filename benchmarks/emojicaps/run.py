@@ -191,7 +191,10 @@ def main(argv=None) -> int:
     bank = train_experts(cfg, data, anchor, work / "experts")
     stage_seconds = {"setup": time.perf_counter() - start}
     if args.only_ablations:
-        abl = ablations(cfg, data, anchor, bank, work, only=args.ablations)
+        abl = {
+            **(_json(work / "ablations.json") or {}),
+            **ablations(cfg, data, anchor, bank, work, only=args.ablations),
+        }
         _json(work / "ablations.json", abl)
         print(json.dumps(abl, indent=2))
         return 0
