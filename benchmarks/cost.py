@@ -214,6 +214,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--only_sizes", action="store_true", help="re-measure only the real-set-size comparison"
     )
+    parser.add_argument(
+        "--only_kmeans", type=int, nargs="+", default=None, help="time k-means for these N only"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.only_kmeans:
