@@ -1,7 +1,7 @@
 """What storing the learned pixels as a PNG ``image`` column costs (issue 5).
 
-    python benchmarks/quantisation.py --synthetic benchmarks/work/emojicaps/mdm-k100/synthetic \
-        --anchor benchmarks/work/emojicaps/anchor --data ~/.cache/mdm_hf/emojicaps-48px --seeds 3
+    python benchmarks/quantisation.py --synthetic benchmarks/runs/emojicaps/mdm-k100/synthetic \
+        --anchor benchmarks/runs/emojicaps/anchor --data ~/.cache/mdm_hf/emojicaps-48px --seeds 3
 
 A SyntheticSet holds the exact float pixels and, for viewing and other processors, an 8-bit RGB ``image`` column
 (clipped to [0, 1] after de-normalisation). This trains the same students (same protocol and seeds) on

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--work_dir", default="benchmarks/work/emojicaps")
+    parser.add_argument("--work_dir", default="benchmarks/runs/emojicaps")
     parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 500])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
