@@ -47,6 +47,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# per-iteration cost is measured for TM and for MDM in both teacher modes: fresh (the paper's) and pooled (ours)
+COST_VARIANTS = ("mdm_fresh", "mdm_pooled", "tm")
 
 # LoRS' released Flickr30k scripts (sh/distill_flickr_lors_{100,200,500}.sh); all use syn_steps 8, expert_epochs 1,
 # lr_lr 1e-2, lr_teacher 0.1, WBCE, a low-rank similarity matrix and momentum 0.5.
@@ -372,6 +374,42 @@ def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_
     return {"protocol": results["protocol"], "rows": rows, "notes": results["notes"]}
 
 
+def students_job(spec: dict) -> dict:
+    """:func:`evaluate_sets` in a child process (picklable arguments only)."""
+    _child_init(spec["threads"])
+    return evaluate_sets(spec["args"], spec["demo"], spec["paths"], spec["k"], spec["sets"], Path(spec["work"]),
+                         with_full=spec["with_full"])  # fmt: skip
+
+
+def _run_pool(fn, specs: list[dict], jobs: int):
+    """Yield ``(spec, fn(spec))`` as they finish, ``jobs`` fresh spawned processes at a time."""
+    from concurrent.futures import as_completed
+
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=get_context("spawn"), max_tasks_per_child=1
+    ) as pool:
+        futures = {pool.submit(fn, spec): spec for spec in specs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _ratios(entry: dict) -> None:
+    """TM over MDM: per-iteration seconds (MDM fresh, as in the paper, and pooled), memory, time to 95 %."""
+    cost, qm, qt = entry["cost"], entry.get("quality_mdm", {}), entry.get("quality_tm", {})
+    tm = cost.get("tm", {})
+    entry["ratios"] = {
+        "tm_over_mdm_seconds_to_95pct": _ratio(qt.get("seconds_to_95pct"), qm.get("seconds_to_95pct")),
+        "tm_over_mdm_iterations_to_95pct": _ratio(qt.get("steps_to_95pct"), qm.get("steps_to_95pct")),
+    }
+    for mode in ("fresh", "pooled"):
+        mdm = cost.get(f"mdm_{mode}", {})
+        entry["ratios"].update({
+            f"tm_over_mdm_{mode}_seconds_per_iteration": _ratio(tm.get("seconds_per_iteration"), mdm.get("seconds_per_iteration")),
+            f"tm_over_mdm_{mode}_autograd_saved_peak": _ratio(tm.get("autograd_saved_peak_mb"), mdm.get("autograd_saved_peak_mb")),
+            f"tm_over_mdm_{mode}_loop_rss_above_setup": _ratio(tm.get("loop_rss_above_setup_mb"), mdm.get("loop_rss_above_setup_mb")),
+        })  # fmt: skip
+
+
 def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -398,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student_val_steps", type=int, default=None, help="steps of the hook's student")
     parser.add_argument("--student_seeds", type=int, default=None)
     parser.add_argument("--cost_steps", type=int, default=None)
-    parser.add_argument("--mdm_teacher_mode", default="fresh", choices=["fresh", "pooled"])
+    parser.add_argument("--mdm_teacher_mode", default="fresh", choices=["fresh", "pooled"],
+                        help="MDM's teacher mode in the quality runs (cost is measured in both)")  # fmt: skip
     parser.add_argument("--tm_unroll", default="tesla", choices=["tesla", "full"])
     parser.add_argument("--tm_override", type=json.loads, default=None,
                         help='JSON of TrajectoryMatchingConfig values that replace the LoRS preset, e.g. \'{"lr_sim": 1}\'')  # fmt: skip
@@ -407,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no_full", action="store_true", help="skip the full-train-set student (the ceiling)"
     )
     parser.add_argument("--skip_quality", action="store_true", help="cost and storage only")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="distillations / student runs at a time (cost is always measured one process at a time)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from mdm_hf.demo import DemoConfig
@@ -435,41 +478,62 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = {"budgets": {}, "prepare": paths}
-    for i, k in enumerate(args.budgets):
-        configs = method_configs(args, demo, paths, k, work)
-        entry = {
-            "lors_preset_budget": configs["lors_preset_budget"],
-            "configs": {m: configs[m] for m in ("mdm", "tm")},
-        }
-        for method in ("mdm", "tm"):
-            cost_cfg = dict(configs[method], eval_steps=0, output_dir=configs[method]["output_dir"] + "-cost")
-            spec = {"method": method, "num_pairs": k, "config": cost_cfg, "threads": args.threads,
-                    "warmup": 2, "steps": args.cost_steps}  # fmt: skip
-            entry[f"cost_{method}"] = _in_child(cost_job, spec)
-            print(f"K={k} cost {method}:", json.dumps(entry[f"cost_{method}"]), flush=True)
-        if not args.skip_quality:
-            sets = {}
-            for method in ("mdm", "tm"):
-                sets[method] = str(work / f"sets/{method}-{k}")
-                spec = {"method": method, "num_pairs": k, "config": configs[method], "threads": args.threads,
-                        "eval_steps": args.eval_steps, "student_val_steps": args.student_val_steps,
-                        "demo": demo, "data_dir": paths["data_dir"], "anchor": paths["anchor"],
-                        "work": str(work / f"{method}-{k}-hook"), "synthetic_dir": sets[method]}  # fmt: skip
-                entry[f"quality_{method}"] = _in_child(quality_job, spec)
-                print(f"K={k} distill {method}:", json.dumps({x: y for x, y in entry[f"quality_{method}"].items() if x != "validation"}), flush=True)  # fmt: skip
-            entry["students"] = evaluate_sets(
-                args, demo, paths, k, sets, work, with_full=(i == 0 and not args.no_full)
-            )
-        cm, ct = entry["cost_mdm"], entry["cost_tm"]
-        qm, qt = entry.get("quality_mdm", {}), entry.get("quality_tm", {})
-        entry["ratios"] = {
-            "tm_over_mdm_seconds_per_iteration": _ratio(ct["seconds_per_iteration"], cm["seconds_per_iteration"]),
-            "tm_over_mdm_seconds_to_95pct": _ratio(qt.get("seconds_to_95pct"), qm.get("seconds_to_95pct")),
-            "tm_over_mdm_autograd_saved_peak": _ratio(ct["autograd_saved_peak_mb"], cm["autograd_saved_peak_mb"]),
-            "tm_over_mdm_loop_rss_above_setup": _ratio(ct["loop_rss_above_setup_mb"], cm["loop_rss_above_setup_mb"]),
+    configs = {k: method_configs(args, demo, paths, k, work) for k in args.budgets}
+    for k in args.budgets:
+        results["budgets"][str(k)] = {
+            "lors_preset_budget": configs[k]["lors_preset_budget"],
+            "configs": {m: configs[k][m] for m in ("mdm", "tm")}, "cost": {},
         }  # fmt: skip
-        results["budgets"][str(k)] = entry
-        _write(args, results, quick, argv, started)  # after every budget: a crash leaves what was measured
+
+    # 1. cost: one process at a time, nothing else running, so the seconds are comparable
+    for k in args.budgets:
+        entry = results["budgets"][str(k)]
+        for name in COST_VARIANTS:
+            method = name.split("_")[0]
+            cfg = dict(
+                configs[k][method], eval_steps=0, output_dir=configs[k][method]["output_dir"] + "-cost"
+            )
+            if method == "mdm":
+                cfg["teacher_mode"] = name.split("_")[1]
+            spec = {"method": method, "num_pairs": k, "config": cfg, "threads": args.threads,
+                    "warmup": 2, "steps": args.cost_steps}  # fmt: skip
+            entry["cost"][name] = _in_child(cost_job, spec)
+            print(f"K={k} cost {name}:", json.dumps(entry["cost"][name]), flush=True)
+        _ratios(entry)
+        _write(args, results, quick, argv, started)  # after every stage: a crash leaves what was measured
+
+    if not args.skip_quality:
+        # 2. full distillations with the validation hook; --jobs of them at a time, longest (TM, large K) first
+        specs = []
+        for k in args.budgets:
+            for method in ("mdm", "tm"):
+                specs.append({
+                    "method": method, "num_pairs": k, "config": configs[k][method], "threads": args.threads,
+                    "eval_steps": args.eval_steps, "student_val_steps": args.student_val_steps, "demo": demo,
+                    "data_dir": paths["data_dir"], "anchor": paths["anchor"], "work": str(work / f"{method}-{k}-hook"),
+                    "synthetic_dir": str(work / f"sets/{method}-{k}"),
+                })  # fmt: skip
+        specs.sort(key=lambda sp: (sp["method"] != "tm", -sp["num_pairs"]))
+        for spec, out in _run_pool(quality_job, specs, args.jobs):
+            entry = results["budgets"][str(spec["num_pairs"])]
+            entry[f"quality_{spec['method']}"] = out
+            _ratios(entry)
+            print(f"K={spec['num_pairs']} distill {spec['method']}:",
+                  json.dumps({x: y for x, y in out.items() if x != "validation"}), flush=True)  # fmt: skip
+            _write(args, results, quick, argv, started)
+        # 3. students on both sets and the coresets, one protocol and the same seeds; budgets in parallel
+        specs = [{"args": args, "demo": demo, "paths": paths, "k": k, "work": str(work), "threads": args.threads,
+                  "sets": {m: str(work / f"sets/{m}-{k}") for m in ("mdm", "tm")},
+                  "with_full": i == 0 and not args.no_full} for i, k in enumerate(args.budgets)]  # fmt: skip
+        for spec, out in _run_pool(students_job, specs, args.jobs):
+            results["budgets"][str(spec["k"])]["students"] = out
+            print(f"K={spec['k']} students:", json.dumps(out["rows"]), flush=True)
+            _write(args, results, quick, argv, started)
+    results["concurrency"] = (
+        f"cost: one process at a time; distillations and students: {args.jobs} process(es) at a time, "
+        f"{args.threads} torch thread(s) each"
+    )
+    _write(args, results, quick, argv, started)
     print(render_markdown(results))
     return 0
 
@@ -512,19 +576,29 @@ def render_markdown(r: dict) -> str:
         f"Command: `{r.get('command', '')}`; {m.get('platform', '')}, {m.get('threads', '?')} threads, "
         f"torch {m.get('torch', '')}, GPU: {m.get('cuda') or 'none'}. Total {_fmt(r.get('total_seconds'), '.0f')} s.",
         "",
-        "## Cost of one iteration (median seconds; each method in a fresh process)",
+        "## Cost of one iteration (median seconds; each method alone, in a fresh process)",
         "",
-        "| K | MDM s/iter | TM s/iter | TM / MDM | MDM autograd peak MB | TM autograd peak MB | MDM loop RSS +MB | "
-        "TM loop RSS +MB | MDM set-up s | TM set-up s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "MDM fresh: a new mixed teacher and a real-batch forward every iteration (the paper). MDM pooled: this "
+        "project's default, real features of a pool of mixed teachers cached once (set-up) and re-drawn.",
+        "",
+        "| K | TM s/iter | MDM fresh s/iter | TM / MDM fresh | MDM pooled s/iter | TM / MDM pooled | "
+        "autograd peak MB TM / fresh / pooled | loop RSS +MB TM / fresh / pooled | set-up s TM / fresh / pooled |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for k, e in r["budgets"].items():
-        cm, ct = e["cost_mdm"], e["cost_tm"]
+        c, ratios = e.get("cost", {}), e.get("ratios", {})
+        if set(COST_VARIANTS) - set(c):
+            continue  # not measured yet
+
+        def trio(key: str, spec: str, c=c) -> str:
+            return " / ".join(_fmt(c[v][key], spec) for v in ("tm", "mdm_fresh", "mdm_pooled"))
+
         lines.append(
-            f"| {k} | {cm['seconds_per_iteration']:.3f} | {ct['seconds_per_iteration']:.3f} | "
-            f"{_fmt(e['ratios']['tm_over_mdm_seconds_per_iteration'])} | {cm['autograd_saved_peak_mb']:.1f} | "
-            f"{ct['autograd_saved_peak_mb']:.1f} | {_fmt(cm['loop_rss_above_setup_mb'], '.0f')} | "
-            f"{_fmt(ct['loop_rss_above_setup_mb'], '.0f')} | {cm['setup_seconds']:.1f} | {ct['setup_seconds']:.1f} |"
+            f"| {k} | {c['tm']['seconds_per_iteration']:.3f} | {c['mdm_fresh']['seconds_per_iteration']:.3f} | "
+            f"{_fmt(ratios['tm_over_mdm_fresh_seconds_per_iteration'])} | "
+            f"{c['mdm_pooled']['seconds_per_iteration']:.3f} | {_fmt(ratios['tm_over_mdm_pooled_seconds_per_iteration'])} | "
+            f"{trio('autograd_saved_peak_mb', '.0f')} | {trio('loop_rss_above_setup_mb', '.0f')} | "
+            f"{trio('setup_seconds', '.1f')} |"
         )
     if any("quality_mdm" in e for e in r["budgets"].values()):
         lines += [
@@ -544,7 +618,7 @@ def render_markdown(r: dict) -> str:
                     f"{q.get('steps_to_95pct', '–')} | {_fmt(q.get('seconds_to_95pct'), '.1f')} | "
                     f"{_fmt(q.get('median_seconds_per_iteration'), '.3f')} |"
                 )
-            ratio = e["ratios"]["tm_over_mdm_seconds_to_95pct"]
+            ratio = e.get("ratios", {}).get("tm_over_mdm_seconds_to_95pct")
             if ratio:
                 lines.append(f"| {k} | TM / MDM seconds to 95 % | | | | | {ratio:.2f} | |")
         lines += ["", "## Students (test recall %, selected on validation, mean ± std over seeds)", ""]
@@ -560,6 +634,8 @@ def render_markdown(r: dict) -> str:
                 lines.append(f"| {row['method']} | {row['pairs']} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += [
+        f"Concurrency: {r.get('concurrency', 'one process at a time')}.",
+        "",
         "## What each method needs besides the data",
         "",
         f"{storage['experts']} experts x {storage['epochs']} epochs from the same anchor on T train. Expert training: "
