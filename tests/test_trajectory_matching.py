@@ -489,3 +489,33 @@ def test_benchmark_time_to_95_percent_and_lors_presets():
     stable = bench.lors_preset(100)
     assert stable["lr_lr"] == pytest.approx(1e-4) and stable["lr_sim"] == pytest.approx(0.1)
     TrajectoryMatchingConfig(**{k: v for k, v in stable.items() if k != "preset_budget"})  # valid fields
+
+
+def test_benchmark_ratios_and_partial_results_render():
+    bench = _benchmark_module()
+    cost = {
+        "tm": {"seconds_per_iteration": 4.0, "autograd_saved_peak_mb": 220.0, "loop_rss_above_setup_mb": 400.0,
+               "setup_seconds": 4.0},
+        "mdm_fresh": {"seconds_per_iteration": 1.0, "autograd_saved_peak_mb": 140.0, "loop_rss_above_setup_mb": 200.0,
+                      "setup_seconds": 12.0},
+        "mdm_pooled": {"seconds_per_iteration": 0.25, "autograd_saved_peak_mb": 140.0,
+                       "loop_rss_above_setup_mb": 100.0, "setup_seconds": 40.0},
+    }  # fmt: skip
+    quality = lambda s, n: {"seconds_to_95pct": s, "steps_to_95pct": n, "iterations": 2 * n, "best_mean": 9.0,  # noqa: E731
+                            "best_step": n, "median_seconds_per_iteration": 1.0}  # fmt: skip
+    done = {"cost": cost, "quality_mdm": quality(50.0, 50), "quality_tm": quality(400.0, 100)}
+    bench._ratios(done)
+    r = done["ratios"]
+    assert r["tm_over_mdm_fresh_seconds_per_iteration"] == 4.0
+    assert r["tm_over_mdm_pooled_seconds_per_iteration"] == 16.0
+    assert r["tm_over_mdm_seconds_to_95pct"] == 8.0 and r["tm_over_mdm_iterations_to_95pct"] == 2.0
+    assert r["tm_over_mdm_pooled_loop_rss_above_setup"] == 4.0
+    pending = {
+        "cost": {"mdm_fresh": cost["mdm_fresh"]}
+    }  # a crash-safe write happens before every budget is done
+    storage = {"experts": 2, "epochs": 3, "lora_bank_bytes": 2**20, "trajectory_buffer_bytes": 10 * 2**20,
+               "lora_checkpoint_bytes": 2**18, "full_checkpoint_bytes": 2**21, "buffer_over_bank": 10.0}  # fmt: skip
+    text = bench.render_markdown({"budgets": {"100": done, "200": pending},
+                                  "prepare": {"storage": storage, "seconds": {}}})  # fmt: skip
+    assert "| 100 | 4.000 | 1.000 | 4.00 | 0.250 | 16.00 |" in text
+    assert "| 200 |" not in text.split("## Time to quality")[0]
