@@ -20,7 +20,40 @@ _f = config_field
 
 
 @dataclass
-class MDMConfig:
+class DatasetArguments:
+    """Where the image-caption pairs come from: the fields every run shares (distillation, experts, anchor,
+    students, trajectory matching), and :meth:`load_split`, the one place they reach
+    :func:`~mdm_hf.data.load_image_caption_dataset`."""
+
+    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
+    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
+    train_split: str = _f("train", "Split that is trained on / distilled.")
+    image_column: str | None = _f(None, "Image column (auto-detected when None).")
+    caption_column: str | None = _f(None, "Caption column: a string or a list of strings (auto-detected).")
+    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
+    image_root: str | None = _f(
+        None, "Directory that relative image paths in the dataset are resolved against (Karpathy filepath)."
+    )
+    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
+    max_cached_images: int = _f(20000, "Preprocess all images of a split once when it has at most this many.")
+    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
+
+    def load_split(self, split: str | None = None, max_images: int | None = None):
+        """One split (default ``train_split``, capped at ``max_train_images``) as an
+        :class:`~mdm_hf.data.ImageCaptionSplit`."""
+        from .data import load_image_caption_dataset
+
+        if split is None:
+            split, max_images = self.train_split, self.max_train_images
+        return load_image_caption_dataset(
+            self.dataset_name, split, revision=self.dataset_revision, image_column=self.image_column,
+            caption_column=self.caption_column, split_column=self.split_column, image_root=self.image_root,
+            max_images=max_images,
+        )  # fmt: skip
+
+
+@dataclass
+class MDMConfig(DatasetArguments):
     """Everything that defines an MDM run. Field help doubles as ``--help`` text of ``recipes/distill.py``.
 
     Defaults follow the paper's reference run (MDM.md §4) where it states one; ``lr_pixels``/``lr_text`` use the
@@ -56,22 +89,8 @@ class MDMConfig:
         None, "Real pairs whose embeddings each pooled teacher caches (None: all pairs of the train split)."
     )
 
-    # ---- data
-    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
-    train_split: str = _f("train", "Split that is distilled.")
+    # ---- data: the DatasetArguments fields, and
     validation_split: str | None = _f("validation", "Split used for model selection (never test).")
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column: a string or a list of strings (auto-detected).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
-    image_root: str | None = _f(
-        None, "Directory that relative image paths in the dataset are resolved against."
-    )
-    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
-    max_cached_images: int = _f(
-        20000, "Preprocess all real images once when the split has at most this many."
-    )
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 
     # ---- synthetic set
     num_pairs: int = _f(100, "K: number of synthetic image-text pairs (the budget).")

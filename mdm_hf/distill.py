@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MDMConfig
-from .data import ImageCaptionSplit, cached_text_features, load_image_caption_dataset, preprocess_split_images
+from .data import ImageCaptionSplit, cached_text_features, preprocess_split_images
 from .distill_loop import DistillState, SyntheticSetDistiller, ValidationFn
 from .models import DualEncoder
 
@@ -101,16 +101,7 @@ class MDMDistiller(SyntheticSetDistiller):
         self.teacher.to(acc.device).eval()
         self.teacher.requires_grad_(False)  # only the synthetic tensors are optimised
         if self.train_data is None:
-            self.train_data = load_image_caption_dataset(
-                cfg.dataset_name,
-                cfg.train_split,
-                revision=cfg.dataset_revision,
-                image_column=cfg.image_column,
-                caption_column=cfg.caption_column,
-                split_column=cfg.split_column,
-                image_root=cfg.image_root,
-                max_images=cfg.max_train_images,
-            )
+            self.train_data = cfg.load_split()
         data = self.train_data
         if cfg.num_pairs > data.num_captions:
             raise ValueError(

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .config import DatasetArguments
 from .config import config_field as _f
 from .retrieval import retrieval_metric_path, retrieval_metrics
 
@@ -103,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class StudentConfig:
+class StudentConfig(DatasetArguments):
     """One student protocol: what to train on, which student, how, and how it is scored.
 
     Optimisation fields left at ``None`` take their value from ``preset`` (see :data:`PRESETS`); any value given
@@ -120,22 +121,10 @@ class StudentConfig:
     text_pooling: str = _f("auto", "Text feature pooling of the teacher: auto | pooler | mean | last.")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub.")
 
-    # ---- data
-    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or dir of the image-caption dataset.")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
-    train_split: str = _f("train", "Split that coresets and the full-data student train on.")
+    # ---- data: the DatasetArguments fields (train_split: what coresets and the full-data student train on), and
     validation_split: str = _f("validation", "Split used to select the student's step (never test).")
     test_split: str = _f("test", "Split scored once, with the selected student.")
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
-    image_root: str | None = _f(None, "Directory that relative image paths are resolved against.")
-    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
     max_eval_images: int | None = _f(None, "Use only the first N validation / test images (quick runs).")
-    max_cached_images: int = _f(
-        20000, "Keep a split's preprocessed pixels in memory when it has at most N images."
-    )
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 
     # ---- what the student trains on
     synthetic: str | None = _f(
@@ -871,19 +860,7 @@ class StudentEvaluator:
 
     # ------------------------------------------------------------------ data
     def _load(self, split: str, max_images: int | None):
-        from .data import load_image_caption_dataset
-
-        cfg = self.config
-        return load_image_caption_dataset(
-            cfg.dataset_name,
-            split,
-            revision=cfg.dataset_revision,
-            image_column=cfg.image_column,
-            caption_column=cfg.caption_column,
-            split_column=cfg.split_column,
-            image_root=cfg.image_root,
-            max_images=max_images,
-        )
+        return self.config.load_split(split, max_images)
 
     def _text_features(self, data) -> torch.Tensor:
         from .data import cached_text_features

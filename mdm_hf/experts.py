@@ -40,10 +40,10 @@ from .anchor import (
     CaptionedImages,
     ContrastiveObjective,
     evaluate_recall,
-    load_split,
     prepare_output_dir,
     run_contrastive_training,
 )
+from .config import DatasetArguments
 from .config import config_field as _f
 from .models import DualEncoder, OfflineHubError, is_hub_offline
 
@@ -59,7 +59,7 @@ PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip"
 
 # ============================================================================================== configuration
 @dataclass
-class ExpertTrainingConfig:
+class ExpertTrainingConfig(DatasetArguments):
     """How to fine-tune the experts of a bank. Field help doubles as ``--help`` of ``mdm-hf experts``.
 
     LoRA goes on the vision tower's attention projections (``target_modules``, scoped to ``vision_model``'s encoder
@@ -74,19 +74,11 @@ class ExpertTrainingConfig:
     revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
     text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub.")
-    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
-    train_split: str = _f("train", "Split the experts are fine-tuned on.")
+    # data: the DatasetArguments fields (train_split: what the experts are fine-tuned on), and
     validation_split: str | None = _f(
         "validation", "Split for the per-epoch recall in the manifest (None: skip)."
     )
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy).")
-    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
     max_validation_images: int | None = _f(1000, "Score recall on at most N validation images.")
-    max_cached_images: int = _f(20000, "Preprocess all images once when the split has at most this many.")
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 
     # ---- experts
     num_experts: int = _f(4, "N: independently fine-tuned experts (MDM needs N >= 2 or several epochs).")
@@ -415,7 +407,7 @@ def train_expert_bank(
             config.model_name_or_path, config.revision, config.text_pooling, config.trust_remote_code
         )
     anchor.requires_grad_(False)
-    train = load_split(config, config.train_split, config.max_train_images)
+    train = config.load_split()
     with acc.main_process_first():  # rank 0 fills the text-feature cache, the others read it
         train_features = cached_text_features(anchor, train, config.cache_dir)
     train_pixels = (
@@ -423,7 +415,7 @@ def train_expert_bank(
     )
     validation = None
     if config.validation_split:
-        val = load_split(config, config.validation_split, config.max_validation_images)
+        val = config.load_split(config.validation_split, config.max_validation_images)
         with acc.main_process_first():
             val_features = cached_text_features(anchor, val, config.cache_dir)
         validation = (preprocess_split_images(anchor, val), val_features, val.caption_to_image)

@@ -42,13 +42,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import DatasetArguments
+from ..config import config_field as _f
 from ..distill_loop import SyntheticSetDistiller, ValidationFn
 from ..models import DualEncoder
 
@@ -75,13 +77,9 @@ TEXT_PROJECTION_PREFIXES = ("text_projection.", "text_model.head.")
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
-    return field(default=default, metadata={"help": help, **kw})
-
-
 # ============================================================================================== configuration
 @dataclass
-class TrajectoryMatchingConfig:
+class TrajectoryMatchingConfig(DatasetArguments):
     """One trajectory-matching run. Field help doubles as ``--help``.
 
     Defaults are MTT-VL's (no similarity matrix, InfoNCE); LoRS' Flickr30k-100 script is ``similarity="lowrank"``,
@@ -105,19 +103,7 @@ class TrajectoryMatchingConfig:
     trajectory_buffer_revision: str | None = _f(None, "Revision of the trajectory buffer on the Hub.")
     cache_trajectories: bool = _f(True, "Keep every loaded checkpoint in memory (else re-read from disk).")
 
-    # ---- data
-    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
-    train_split: str = _f("train", "Split that is distilled (the experts' training split).")
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
-    image_root: str | None = _f(None, "Directory that relative image paths are resolved against.")
-    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
-    max_cached_images: int = _f(
-        20000, "Preprocess all real images once when the split has at most this many."
-    )
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
+    # ---- data: the DatasetArguments fields
 
     # ---- synthetic set
     num_pairs: int = _f(100, "K: number of synthetic image-text pairs.")
@@ -714,7 +700,7 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         """Load teacher, data, cached text features and the trajectory buffer; check the schedule fits."""
         if self._set_up:
             return
-        from ..data import cached_text_features, load_image_caption_dataset, preprocess_split_images
+        from ..data import cached_text_features, preprocess_split_images
 
         cfg = self.config
         if self.teacher is None:
@@ -724,11 +710,7 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         self.teacher.to(self.device).eval()
         self.teacher.requires_grad_(False)  # the trained tensors are passed functionally, never written
         if self.train_data is None:
-            self.train_data = load_image_caption_dataset(
-                cfg.dataset_name, cfg.train_split, revision=cfg.dataset_revision, image_column=cfg.image_column,
-                caption_column=cfg.caption_column, split_column=cfg.split_column, image_root=cfg.image_root,
-                max_images=cfg.max_train_images,
-            )  # fmt: skip
+            self.train_data = cfg.load_split()
         data = self.train_data
         if cfg.num_pairs > data.num_captions:
             raise ValueError(
