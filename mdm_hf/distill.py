@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MDMConfig
-from .data import ImageCaptionSplit, cached_text_features, preprocess_split_images
+from .data import ImageCaptionSplit
 from .distill_loop import DistillState, SyntheticSetDistiller, ValidationFn
 from .models import DualEncoder
 
@@ -94,27 +94,7 @@ class MDMDistiller(SyntheticSetDistiller):
         if self._set_up:
             return
         cfg, acc = self.config, self.accelerator
-        if self.teacher is None:
-            self.teacher = DualEncoder.from_pretrained(
-                cfg.model_name_or_path, cfg.model_revision, cfg.text_pooling, cfg.trust_remote_code
-            )
-        self.teacher.to(acc.device).eval()
-        self.teacher.requires_grad_(False)  # only the synthetic tensors are optimised
-        if self.train_data is None:
-            self.train_data = cfg.load_split()
-        data = self.train_data
-        if cfg.num_pairs > data.num_captions:
-            raise ValueError(
-                f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
-                f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
-            )
-        with acc.main_process_first():  # rank 0 fills the cache, the others read it
-            self.text_features = cached_text_features(
-                self.teacher, data, cfg.cache_dir, progress=acc.is_main_process
-            )
-        self.pixel_cache = None
-        if data.num_images <= cfg.max_cached_images:
-            self.pixel_cache = preprocess_split_images(self.teacher, data)
+        self._load_teacher_and_data(acc.device)
         if self.expert_bank is None and cfg.expert_bank is not None:
             from .experts import load_expert_bank
 

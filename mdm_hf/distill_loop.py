@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,37 @@ class SyntheticSetDistiller:
     def _wait_for_everyone(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
+
+    # ================================================================== set-up
+    def _load_teacher_and_data(self, device: torch.device | str) -> None:
+        """The frozen teacher on ``device``, the train split (checked against the budget), its cached text
+        features ``e = E_t(c)`` and, when the split is small enough, its preprocessed pixels."""
+        from .data import cached_text_features, preprocess_split_images
+        from .models import DualEncoder
+
+        cfg = self.config
+        if self.teacher is None:
+            self.teacher = DualEncoder.from_pretrained(
+                cfg.model_name_or_path, cfg.model_revision, cfg.text_pooling, cfg.trust_remote_code
+            )
+        self.teacher.to(device).eval()
+        self.teacher.requires_grad_(False)  # only the synthetic tensors are optimised
+        if self.train_data is None:
+            self.train_data = cfg.load_split()
+        data = self.train_data
+        if cfg.num_pairs > data.num_captions:
+            raise ValueError(
+                f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
+                f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
+            )
+        first = self.accelerator.main_process_first() if self.accelerator is not None else nullcontext()
+        with first:  # rank 0 fills the cache, the others read it
+            self.text_features = cached_text_features(
+                self.teacher, data, cfg.cache_dir, progress=self.is_main_process
+            )
+        self.pixel_cache = None
+        if data.num_images <= cfg.max_cached_images:
+            self.pixel_cache = preprocess_split_images(self.teacher, data)
 
     # ================================================================== the loop
     def _current(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -700,27 +700,8 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         """Load teacher, data, cached text features and the trajectory buffer; check the schedule fits."""
         if self._set_up:
             return
-        from ..data import cached_text_features, preprocess_split_images
-
         cfg = self.config
-        if self.teacher is None:
-            self.teacher = DualEncoder.from_pretrained(
-                cfg.model_name_or_path, cfg.model_revision, cfg.text_pooling, cfg.trust_remote_code
-            )
-        self.teacher.to(self.device).eval()
-        self.teacher.requires_grad_(False)  # the trained tensors are passed functionally, never written
-        if self.train_data is None:
-            self.train_data = cfg.load_split()
-        data = self.train_data
-        if cfg.num_pairs > data.num_captions:
-            raise ValueError(
-                f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
-                f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
-            )
-        self.text_features = cached_text_features(self.teacher, data, cfg.cache_dir)
-        self.pixel_cache = (
-            preprocess_split_images(self.teacher, data) if data.num_images <= cfg.max_cached_images else None
-        )
+        self._load_teacher_and_data(self.device)
         if self.buffer is None:
             if cfg.trajectory_buffer is None:
                 raise ValueError(
