@@ -53,7 +53,7 @@ class SyntheticSetDistiller:
     """Base of the distillers: the loop, the validation hook, checkpoints and the :class:`SyntheticSet` output.
 
     Attributes a subclass sets: ``config`` (with ``output_dir``, ``max_steps``, ``eval_steps``, ``save_steps``,
-    ``logging_steps``, ``save_total_limit``, ``early_stopping_patience``, ``resume_from_checkpoint``,
+    ``eval_on_start``, ``logging_steps``, ``save_total_limit``, ``early_stopping_patience``, ``resume_from_checkpoint``,
     ``overwrite_output_dir``, ``save(path)`` and ``to_dict()``), ``validation_fn``, ``teacher``, ``train_data``,
     ``text_features``, and ``accelerator`` (None: a single process).
     """
@@ -163,6 +163,8 @@ class SyntheticSetDistiller:
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=self.progress_name,
                    disable=not self.is_main_process)  # fmt: skip
         stop = False
+        if self.validation_fn is not None and cfg.eval_on_start and self.state.step == 0:
+            stop = self._evaluate(0)
         while self.state.step < cfg.max_steps and not stop:
             logs, timings = self.training_step(self._generator)
             self.state.step += 1

@@ -155,6 +155,9 @@ class TrajectoryMatchingConfig(DatasetArguments):
 
     # ---- evaluation, checkpoints, logging
     eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
+    eval_on_start: bool = _f(
+        False, "Also score the initial set (step 0), so the best state kept can be the coreset itself."
+    )
     early_stopping_patience: int | None = _f(None, "Stop after N evaluations without improvement.")
     save_steps: int = _f(100, "Checkpoint every N iterations (0: only at the end).")
     save_total_limit: int | None = _f(2, "Keep at most N checkpoints (oldest removed).")
