@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .config import DatasetArguments
+from .config import DatasetArguments, check_values
 from .config import config_field as _f
 from .retrieval import retrieval_metric_path, retrieval_metrics
 from .students import (
@@ -234,9 +234,6 @@ class StudentConfig(DatasetArguments):
             "augment_mode": ("single", "all"),
             "text_head": ("linear", "mlp", None),
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}.")
         for method in self.methods or []:
             if method not in METHODS:
                 raise ValueError(f"methods contains {method!r}; choose from {list(METHODS)}.")
@@ -250,11 +247,7 @@ class StudentConfig(DatasetArguments):
             "max_steps/num_train_epochs": self.max_steps > 0 or self.num_train_epochs > 0,
             "eval_steps/eval_epochs": (self.eval_steps or 0) > 0 or (self.eval_epochs or 0) > 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"Invalid StudentConfig values for: {', '.join(bad)} (see --help for valid ranges)."
-            )
+        check_values(self, checks, choices)
         if self.save_students and not self.output_dir:
             raise ValueError("save_students=True needs an output_dir to save the students in.")
         own_towers = self.vision_model_name_or_path in (None, self.model_name_or_path)

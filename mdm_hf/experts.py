@@ -44,7 +44,7 @@ from .anchor import (
     prepare_output_dir,
     run_contrastive_training,
 )
-from .config import DatasetArguments
+from .config import DatasetArguments, check_values
 from .config import config_field as _f
 from .models import DualEncoder, OfflineHubError, is_hub_offline
 
@@ -143,11 +143,7 @@ class ExpertTrainingConfig(DatasetArguments):
             "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
             "lora_dropout": 0.0 <= self.lora_dropout < 1.0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"Invalid ExpertTrainingConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
+        check_values(self, checks)
         if self.seeds is not None and len(self.seeds) != self.num_experts:
             raise ValueError(
                 f"seeds has {len(self.seeds)} entries but num_experts={self.num_experts}: give one seed per expert "

@@ -42,14 +42,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DatasetArguments
+from ..config import DistillRunArguments, check_values
 from ..config import config_field as _f
 from ..distill_loop import SyntheticSetDistiller, ValidationFn
 from ..models import DualEncoder
@@ -79,7 +79,7 @@ LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 # ============================================================================================== configuration
 @dataclass
-class TrajectoryMatchingConfig(DatasetArguments):
+class TrajectoryMatchingConfig(DistillRunArguments):
     """One trajectory-matching run. Field help doubles as ``--help``.
 
     Defaults are MTT-VL's (no similarity matrix, InfoNCE); LoRS' Flickr30k-100 script is ``similarity="lowrank"``,
@@ -106,7 +106,6 @@ class TrajectoryMatchingConfig(DatasetArguments):
     # ---- data: the DatasetArguments fields
 
     # ---- synthetic set
-    num_pairs: int = _f(100, "K: number of synthetic image-text pairs.")
     init: str = _f(
         "random", "Initial real pairs: random (LoRS) | kmeans (MDM's joint k-means) | herding | kcenter."
     )
@@ -138,7 +137,6 @@ class TrajectoryMatchingConfig(DatasetArguments):
     sim_alpha: float = _f(3.0, "alpha of LoRS' low-rank similarity matrix: S = diag(a) + (alpha / r) L R^T.")
 
     # ---- outer optimisation (SGD with momentum, as LoRS)
-    max_steps: int = _f(3000, "Distillation iterations.")
     lr_pixels: float = _f(100.0, "Learning rate of the synthetic pixels.")
     lr_text: float = _f(100.0, "Learning rate of the synthetic text features.")
     lr_lr: float = _f(1e-2, "Learning rate of the learnable inner step sizes.")
@@ -153,55 +151,28 @@ class TrajectoryMatchingConfig(DatasetArguments):
         None, "Clamp the learned step sizes from below (LoRS' clamp_lr; None: no clamp)."
     )
 
-    # ---- evaluation, checkpoints, logging
-    eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
-    eval_on_start: bool = _f(
-        False, "Also score the initial set (step 0), so the best state kept can be the coreset itself."
-    )
-    early_stopping_patience: int | None = _f(None, "Stop after N evaluations without improvement.")
-    save_steps: int = _f(100, "Checkpoint every N iterations (0: only at the end).")
-    save_total_limit: int | None = _f(2, "Keep at most N checkpoints (oldest removed).")
+    # ---- budget, loop, validation, checkpoints: DistillRunArguments, with
     output_dir: str = _f("out-tm", "Where checkpoints, extras and the synthetic set are written.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
-    resume_from_checkpoint: str | None = _f(None, "A checkpoint dir, or 'latest' to resume from output_dir.")
-    logging_steps: int = _f(10, "Log losses and step sizes every N iterations.")
-    seed: int = _f(0, "Seed of initialisation, expert / epoch draws and mini-batches.")
     device: str | None = _f(None, "cpu | cuda | cuda:1 ... (None: cuda when available).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = {
-            "num_pairs": self.num_pairs > 0,
             "syn_steps": self.syn_steps >= 1,
             "expert_epochs": self.expert_epochs >= 1,
             "max_start_epoch": self.max_start_epoch >= 1,
             "mini_batch_size": self.mini_batch_size >= 1,
-            "max_steps": self.max_steps >= 0,
             "sim_rank": self.sim_rank >= 1,
             "syn_lr_init": self.syn_lr_init is None or self.syn_lr_init > 0,
             "temperature": self.temperature is None or self.temperature > 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"Invalid TrajectoryMatchingConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
         choices = {
             "unroll": ("full", "tesla"),
             "inner_loss": ("infonce", "wbce"),
             "similarity": ("none", "lowrank", "full"),
             "init": ("random", "kmeans", "herding", "kcenter"),
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(
-                    f"TrajectoryMatchingConfig.{key}={getattr(self, key)!r}; choose one of {allowed}."
-                )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        check_values(self, checks, choices)
 
 
 # ============================================================================================== losses
