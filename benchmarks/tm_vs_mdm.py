@@ -41,7 +41,6 @@ import shutil
 import statistics
 import sys
 import time
-import weakref
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -83,37 +82,6 @@ def lors_preset(k: int, faithful: bool = False) -> dict:
 
 
 # ============================================================================================== measuring helpers
-class SavedBytesMeter:
-    """Peak bytes held by autograd's saved tensors (what backward keeps: activations), via saved-tensor hooks."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def __enter__(self) -> SavedBytesMeter:
-        import torch
-
-        class Box:
-            def __init__(self, tensor):
-                self.tensor = tensor
-
-        def pack(tensor):
-            box, size = Box(tensor), tensor.numel() * tensor.element_size()
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(box, self._release, size)
-            return box
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor)
-        self._ctx.__enter__()
-        return self
-
-    def _release(self, size: int) -> None:
-        self.live -= size
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
-
-
 def _status_kb(field: str) -> int:
     try:
         return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
@@ -187,6 +155,8 @@ def cost_job(spec: dict) -> dict:
     """One method's iteration cost in a fresh process: set-up, warm-up, then ``steps`` timed iterations."""
     import torch
 
+    from mdm_hf.profiling import SavedTensorsMeter
+
     _child_init(spec["threads"])
     t0 = time.perf_counter()
     d = (_mdm_distiller if spec["method"] == "mdm" else _tm_distiller)(spec)
@@ -212,7 +182,7 @@ def cost_job(spec: dict) -> dict:
         for k, v in dataclasses.asdict(timings).items():
             parts.setdefault(k, []).append(v)
     peak_kb = _status_kb("VmHWM")
-    with SavedBytesMeter() as meter:
+    with SavedTensorsMeter() as meter:
         d.training_step(gen)
     out = {
         "method": spec["method"], "num_pairs": spec["num_pairs"], "setup_seconds": setup_seconds,

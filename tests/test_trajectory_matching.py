@@ -5,7 +5,6 @@ end-to-end distillation on the tiny CLIP fixture from recorded trajectories."""
 import copy
 import json
 import shutil
-import weakref
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from mdm_hf.baselines.trajectory_matching import (
 from mdm_hf.data import load_image_caption_dataset
 from mdm_hf.losses import clip_contrastive_loss
 from mdm_hf.models import DualEncoder
+from mdm_hf.profiling import SavedTensorsMeter
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -393,33 +393,14 @@ def test_unrolling_copies_no_module_and_never_writes_the_teacher(tiny, tmp_path,
         )
 
 
-class _LiveSavedBytes:
-    """Peak bytes held by autograd's saved tensors (activations kept for backward), via saved-tensor hooks."""
-
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def __enter__(self):
-        class Box:
-            def __init__(box, tensor):
-                box.tensor = tensor
-
-        def pack(tensor):
-            box, size = Box(tensor), tensor.numel() * tensor.element_size()
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(box, self._release, size)
-            return box
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor)
-        self._ctx.__enter__()
-        return self
-
-    def _release(self, size):
-        self.live -= size
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
+def test_saved_tensors_meter_counts_what_backward_keeps():
+    x = torch.randn(1000, requires_grad=True)
+    with SavedTensorsMeter() as meter:
+        y = torch.exp(x)  # exp saves its output: 1000 float32 = 4000 bytes
+        assert meter.live == meter.peak == 4000
+        y.sum().backward()
+        del y
+    assert meter.live == 0 and meter.peak == 4000
 
 
 def test_full_unroll_memory_grows_with_steps_and_tesla_stays_flat(tiny, tmp_path):
@@ -428,7 +409,7 @@ def test_full_unroll_memory_grows_with_steps_and_tesla_stays_flat(tiny, tmp_path
         for steps in (2, 6):
             d = _distiller(tiny, tmp_path / f"{unroll}{steps}", syn_steps=steps, unroll=unroll)
             d.initialize()
-            with _LiveSavedBytes() as meter:
+            with SavedTensorsMeter() as meter:
                 d.training_step(torch.Generator().manual_seed(0))
             assert meter.live == 0  # every graph is released after the step
             peaks[unroll, steps] = meter.peak
