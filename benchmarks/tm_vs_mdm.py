@@ -37,11 +37,11 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import sys
 import time
-import weakref
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -83,37 +83,6 @@ def lors_preset(k: int, faithful: bool = False) -> dict:
 
 
 # ============================================================================================== measuring helpers
-class SavedBytesMeter:
-    """Peak bytes held by autograd's saved tensors (what backward keeps: activations), via saved-tensor hooks."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def __enter__(self) -> SavedBytesMeter:
-        import torch
-
-        class Box:
-            def __init__(self, tensor):
-                self.tensor = tensor
-
-        def pack(tensor):
-            box, size = Box(tensor), tensor.numel() * tensor.element_size()
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(box, self._release, size)
-            return box
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor)
-        self._ctx.__enter__()
-        return self
-
-    def _release(self, size: int) -> None:
-        self.live -= size
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
-
-
 def _status_kb(field: str) -> int:
     try:
         return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
@@ -187,6 +156,8 @@ def cost_job(spec: dict) -> dict:
     """One method's iteration cost in a fresh process: set-up, warm-up, then ``steps`` timed iterations."""
     import torch
 
+    from mdm_hf.profiling import SavedTensorsMeter
+
     _child_init(spec["threads"])
     t0 = time.perf_counter()
     d = (_mdm_distiller if spec["method"] == "mdm" else _tm_distiller)(spec)
@@ -212,7 +183,7 @@ def cost_job(spec: dict) -> dict:
         for k, v in dataclasses.asdict(timings).items():
             parts.setdefault(k, []).append(v)
     peak_kb = _status_kb("VmHWM")
-    with SavedBytesMeter() as meter:
+    with SavedTensorsMeter() as meter:
         d.training_step(gen)
     out = {
         "method": spec["method"], "num_pairs": spec["num_pairs"], "setup_seconds": setup_seconds,
@@ -340,7 +311,7 @@ def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
                   num_pairs=k, save_steps=0, overwrite_output_dir=True, seed=demo.seed, logging_steps=0)  # fmt: skip
     mdm = dict(common, expert_bank=paths["lora_bank"], teacher_mode=args.mdm_teacher_mode, real_batch_size=256,
                syn_batch_size=min(64, k), lr_pixels=demo.lr_pixels, lr_text=demo.lr_text, init="kmeans",
-               max_steps=args.mdm_steps, eval_steps=args.eval_steps, output_dir=str(work / f"mdm-{k}"))  # fmt: skip
+               max_steps=args.mdm_steps, eval_steps=args.eval_steps, output_dir=str(work / f"mdm-{k}{args.tag}"))  # fmt: skip
     preset = lors_preset(k, faithful=args.tm_faithful)
     budget = preset.pop("preset_budget")
     preset["max_start_epoch"] = min(
@@ -348,30 +319,32 @@ def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
     )
     preset["mini_batch_size"] = min(preset["mini_batch_size"], k)
     tm = dict(common, trajectory_buffer=paths["buffer"], unroll=args.tm_unroll, max_steps=args.tm_steps,
-              eval_steps=args.eval_steps, output_dir=str(work / f"tm-{k}"), **preset)  # fmt: skip
+              eval_steps=args.eval_steps, output_dir=str(work / f"tm-{k}{args.tag}"), **preset)  # fmt: skip
     for key, value in (args.tm_override or {}).items():
         tm[key] = value
     return {"mdm": mdm, "tm": tm, "lors_preset_budget": budget}
 
 
 def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_full: bool) -> dict:
-    """Students on the MDM set, the TM set and coresets: one protocol, the same seeds."""
+    """Students on the distilled sets (MDM, TM) and the coresets: one protocol, the same seeds."""
     from mdm_hf.demo import student_config
     from mdm_hf.evaluation import compare_methods, evaluate_student
     from mdm_hf.synthetic import SyntheticSet
 
-    sc = student_config(demo, Path(paths["data_dir"]), Path(paths["anchor"]), work / f"students-{k}",
+    sc = student_config(demo, Path(paths["data_dir"]), Path(paths["anchor"]), work / f"students-{k}{args.tag}",
                         num_pairs=k, num_seeds=args.student_seeds)  # fmt: skip
-    methods = ["mdm", "random", "kcenter"] + (["full"] if with_full else [])
-    mdm_set = SyntheticSet.from_pretrained(sets["mdm"])
-    results = compare_methods(sc, methods=methods, synthetic=mdm_set)
-    tm_set = SyntheticSet.from_pretrained(sets["tm"])
-    tm = evaluate_student(
-        dataclasses.replace(sc, method="mdm", output_dir=str(work / f"students-{k}-tm")), tm_set
-    )
-    row = dict(tm["row"], method="TM (LoRS)")
-    rows = [results["rows"][0], row, *results["rows"][1:]]
-    return {"protocol": results["protocol"], "rows": rows, "notes": results["notes"]}
+    methods = (["mdm"] if "mdm" in sets else []) + list(args.coresets) + (["full"] if with_full else [])
+    rows, protocol, notes = [], None, None
+    if methods:
+        mdm_set = SyntheticSet.from_pretrained(sets["mdm"]) if "mdm" in sets else None
+        results = compare_methods(sc, methods=methods, synthetic=mdm_set)
+        rows, protocol, notes = results["rows"], results["protocol"], results["notes"]
+    if "tm" in sets:
+        tm_sc = dataclasses.replace(sc, method="mdm", output_dir=str(work / f"students-{k}-tm{args.tag}"))
+        tm = evaluate_student(tm_sc, SyntheticSet.from_pretrained(sets["tm"]))
+        rows.insert(1 if "mdm" in sets else 0, dict(tm["row"], method="TM (LoRS)"))
+        protocol = protocol or tm.get("protocol")
+    return {"protocol": protocol, "rows": rows, "notes": notes}
 
 
 def students_job(spec: dict) -> dict:
@@ -446,11 +419,20 @@ def main(argv: list[str] | None = None) -> int:
         "--no_full", action="store_true", help="skip the full-train-set student (the ceiling)"
     )
     parser.add_argument("--skip_quality", action="store_true", help="cost and storage only")
+    parser.add_argument("--skip_cost", action="store_true", help="quality only (a variant of a finished run)")
+    parser.add_argument("--methods", nargs="+", default=["mdm", "tm"], choices=["mdm", "tm"],
+                        help="distillers to run (a variant: --methods tm --tm_override ...)")  # fmt: skip
+    parser.add_argument("--coresets", nargs="*", default=["random", "kcenter"],
+                        help="coreset baselines scored with the same students (none: --coresets)")  # fmt: skip
+    parser.add_argument(
+        "--tag", default="", help="name of a variant: its work dirs and results files get '-<tag>'"
+    )
     parser.add_argument(
         "--jobs", type=int, default=1,
         help="distillations / student runs at a time (cost is always measured one process at a time)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    args.tag = f"-{args.tag}" if args.tag else ""
 
     from mdm_hf.demo import DemoConfig
 
@@ -486,10 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
 
     # 1. cost: one process at a time, nothing else running, so the seconds are comparable
-    for k in args.budgets:
+    for k in [] if args.skip_cost else args.budgets:
         entry = results["budgets"][str(k)]
         for name in COST_VARIANTS:
             method = name.split("_")[0]
+            if method not in args.methods:
+                continue
             cfg = dict(
                 configs[k][method], eval_steps=0, output_dir=configs[k][method]["output_dir"] + "-cost"
             )
@@ -506,12 +490,12 @@ def main(argv: list[str] | None = None) -> int:
         # 2. full distillations with the validation hook; --jobs of them at a time, longest (TM, large K) first
         specs = []
         for k in args.budgets:
-            for method in ("mdm", "tm"):
+            for method in args.methods:
                 specs.append({
                     "method": method, "num_pairs": k, "config": configs[k][method], "threads": args.threads,
                     "eval_steps": args.eval_steps, "student_val_steps": args.student_val_steps, "demo": demo,
-                    "data_dir": paths["data_dir"], "anchor": paths["anchor"], "work": str(work / f"{method}-{k}-hook"),
-                    "synthetic_dir": str(work / f"sets/{method}-{k}"),
+                    "data_dir": paths["data_dir"], "anchor": paths["anchor"], "work": str(work / f"{method}-{k}-hook{args.tag}"),
+                    "synthetic_dir": str(work / f"sets/{method}-{k}{args.tag}"),
                 })  # fmt: skip
         specs.sort(key=lambda sp: (sp["method"] != "tm", -sp["num_pairs"]))
         for spec, out in _run_pool(quality_job, specs, args.jobs):
@@ -523,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             _write(args, results, quick, argv, started)
         # 3. students on both sets and the coresets, one protocol and the same seeds; budgets in parallel
         specs = [{"args": args, "demo": demo, "paths": paths, "k": k, "work": str(work), "threads": args.threads,
-                  "sets": {m: str(work / f"sets/{m}-{k}") for m in ("mdm", "tm")},
+                  "sets": {m: str(work / f"sets/{m}-{k}{args.tag}") for m in args.methods},
                   "with_full": i == 0 and not args.no_full} for i, k in enumerate(args.budgets)]  # fmt: skip
         for spec, out in _run_pool(students_job, specs, args.jobs):
             results["budgets"][str(spec["k"])]["students"] = out
@@ -550,14 +534,14 @@ def _environment() -> dict:
 
 
 def _write(args, results: dict, quick: bool, argv, started: float) -> None:
-    results["command"] = "python benchmarks/tm_vs_mdm.py " + " ".join(
+    results["command"] = "python benchmarks/tm_vs_mdm.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     results["arguments"] = vars(args)
     results["machine"] = {**_environment(), "threads": args.threads}
     results["total_seconds"] = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "tm_vs_mdm_quick" if quick else "tm_vs_mdm"
+    name = ("tm_vs_mdm_quick" if quick else "tm_vs_mdm") + args.tag
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
     (RESULTS / f"{name}.md").write_text(render_markdown(results))
 
@@ -600,7 +584,9 @@ def render_markdown(r: dict) -> str:
             f"{trio('autograd_saved_peak_mb', '.0f')} | {trio('loop_rss_above_setup_mb', '.0f')} | "
             f"{trio('setup_seconds', '.1f')} |"
         )
-    if any("quality_mdm" in e for e in r["budgets"].values()):
+    if lines[-1].startswith("|---"):  # no budget has its cost measured (a quality-only variant)
+        lines[-4:] = ["Not measured in this run (--skip_cost)."]
+    if any("quality_mdm" in e or "quality_tm" in e for e in r["budgets"].values()):
         lines += [
             "",
             "## Time to quality (validation mean recall of a short student; validation time excluded, set-up included)",

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import DatasetArguments
 from .config import config_field as _f
 from .models import DualEncoder
 
@@ -213,15 +214,6 @@ def run_contrastive_training(
     return epoch_losses
 
 
-def load_split(config, split: str, max_images: int | None):
-    from .data import load_image_caption_dataset
-
-    return load_image_caption_dataset(
-        config.dataset_name, split, revision=config.dataset_revision, image_column=config.image_column,
-        caption_column=config.caption_column, split_column=config.split_column, max_images=max_images,
-    )  # fmt: skip
-
-
 def prepare_output_dir(path: Path, overwrite: bool, accelerator) -> None:
     if accelerator.is_main_process:
         if path.exists() and any(path.iterdir()):
@@ -248,22 +240,16 @@ def default_text_model_path() -> str:
 
 
 @dataclass
-class AnchorPretrainingConfig:
+class AnchorPretrainingConfig(DatasetArguments):
     """A small vision tower + a frozen pretrained text tower, trained contrastively. Defaults: BENCHMARKS.md's
     first EmojiCaps measurement (48 px, ViT 192-d x 4 layers, MiniLM text tower)."""
 
-    # ---- data
+    # ---- data: the DatasetArguments fields, with these defaults, and
     dataset_name: str = _f("", "Hub id or local dir of the image-caption dataset (required).")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
     train_split: str = _f("pretrain", "Split to train on (EmojiCaps: 'pretrain', the concepts P).")
-    validation_split: str | None = _f(None, "Split for a per-epoch recall@1 report (None: skip).")
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy).")
-    max_train_images: int | None = _f(None, "Use only the first N train images.")
-    max_validation_images: int | None = _f(1000, "Score recall on at most N validation images.")
     max_cached_images: int = _f(50000, "Preprocess all images once when the split has at most this many.")
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
+    validation_split: str | None = _f(None, "Split for a per-epoch recall@1 report (None: skip).")
+    max_validation_images: int | None = _f(1000, "Score recall on at most N validation images.")
 
     # ---- model
     text_model_name_or_path: str | None = _f(
@@ -431,7 +417,7 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
     encoder.freeze_text_tower()
     if not config.train_logit_scale:
         encoder.model.logit_scale.requires_grad_(False)
-    train = load_split(config, config.train_split, config.max_train_images)
+    train = config.load_split()
     with acc.main_process_first():
         train_features = cached_text_features(encoder, train, config.cache_dir)
     pixels = preprocess_split_images(encoder, train) if train.num_images <= config.max_cached_images else None
@@ -450,7 +436,7 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
     initial = fixed_batch_loss(encoder, *probe, batch)
     validation_data, history = None, []
     if config.validation_split:
-        val = load_split(config, config.validation_split, config.max_validation_images)
+        val = config.load_split(config.validation_split, config.max_validation_images)
         with acc.main_process_first():
             val_features = cached_text_features(encoder, val, config.cache_dir)
         validation_data = (preprocess_split_images(encoder, val), val_features, val.caption_to_image)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,100 @@ _f = config_field
 
 
 @dataclass
-class MDMConfig:
+class DatasetArguments:
+    """Where the image-caption pairs come from: the fields every run shares (distillation, experts, anchor,
+    students, trajectory matching), and :meth:`load_split`, the one place they reach
+    :func:`~mdm_hf.data.load_image_caption_dataset`."""
+
+    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
+    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
+    train_split: str = _f("train", "Split that is trained on / distilled.")
+    image_column: str | None = _f(None, "Image column (auto-detected when None).")
+    caption_column: str | None = _f(None, "Caption column: a string or a list of strings (auto-detected).")
+    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
+    image_root: str | None = _f(
+        None, "Directory that relative image paths in the dataset are resolved against (Karpathy filepath)."
+    )
+    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
+    max_cached_images: int = _f(20000, "Preprocess all images of a split once when it has at most this many.")
+    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
+
+    def load_split(self, split: str | None = None, max_images: int | None = None):
+        """One split (default ``train_split``, capped at ``max_train_images``) as an
+        :class:`~mdm_hf.data.ImageCaptionSplit`."""
+        from .data import load_image_caption_dataset
+
+        if split is None:
+            split, max_images = self.train_split, self.max_train_images
+        return load_image_caption_dataset(
+            self.dataset_name, split, revision=self.dataset_revision, image_column=self.image_column,
+            caption_column=self.caption_column, split_column=self.split_column, image_root=self.image_root,
+            max_images=max_images,
+        )  # fmt: skip
+
+
+def check_values(config, checks: dict[str, bool], choices: dict[str, Sequence] | None = None) -> None:
+    """Raise one ``ValueError`` naming every field that fails ``checks`` (name -> ok) or is not in its ``choices``."""
+    name = type(config).__name__
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        shown = ", ".join(f"{k}={getattr(config, k)!r}" if hasattr(config, k) else k for k in bad)
+        raise ValueError(f"Invalid {name} values: {shown} (see --help for valid ranges).")
+    for key, allowed in (choices or {}).items():
+        if getattr(config, key) not in allowed:
+            raise ValueError(f"{name}.{key}={getattr(config, key)!r}; choose one of {tuple(allowed)}.")
+
+
+@dataclass
+class DistillRunArguments(DatasetArguments):
+    """What every distillation run has besides its method: the budget, the loop, validation, checkpoints, logging
+    (read by :class:`~mdm_hf.distill_loop.SyntheticSetDistiller`), and (de)serialisation."""
+
+    num_pairs: int = _f(100, "K: number of synthetic image-text pairs (the budget).")
+    max_steps: int = _f(3000, "Distillation iterations.")
+    eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
+    eval_on_start: bool = _f(
+        False, "Also score the initial set (step 0), so the best state kept can be the coreset itself."
+    )
+    early_stopping_patience: int | None = _f(None, "Stop after N evaluations without improvement.")
+    save_steps: int = _f(100, "Checkpoint every N iterations (0: only at the end).")
+    save_total_limit: int | None = _f(2, "Keep at most N checkpoints (oldest removed).")
+    output_dir: str = _f("out", "Where checkpoints and the synthetic set are written.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint dir, or 'latest' to resume from output_dir.")
+    logging_steps: int = _f(10, "Log losses and timings every N iterations.")
+    seed: int = _f(0, "Seed of initialisation, teacher / trajectory draws and batch sampling.")
+
+    def __post_init__(self) -> None:
+        check_values(self, {"num_pairs": self.num_pairs > 0, "max_steps": self.max_steps >= 0})
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON/YAML-safe). Never holds a token: there is no token field by design."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} keys: {unknown}. Valid keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any):
+        """Load a YAML file (flat mapping of field -> value); keyword overrides win."""
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+@dataclass
+class MDMConfig(DistillRunArguments):
     """Everything that defines an MDM run. Field help doubles as ``--help`` text of ``recipes/distill.py``.
 
     Defaults follow the paper's reference run (MDM.md §4) where it states one; ``lr_pixels``/``lr_text`` use the
@@ -56,29 +150,13 @@ class MDMConfig:
         None, "Real pairs whose embeddings each pooled teacher caches (None: all pairs of the train split)."
     )
 
-    # ---- data
-    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
-    train_split: str = _f("train", "Split that is distilled.")
+    # ---- data: the DatasetArguments fields, and
     validation_split: str | None = _f("validation", "Split used for model selection (never test).")
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column: a string or a list of strings (auto-detected).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
-    image_root: str | None = _f(
-        None, "Directory that relative image paths in the dataset are resolved against."
-    )
-    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
-    max_cached_images: int = _f(
-        20000, "Preprocess all real images once when the split has at most this many."
-    )
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 
-    # ---- synthetic set
-    num_pairs: int = _f(100, "K: number of synthetic image-text pairs (the budget).")
+    # ---- synthetic set (its size: num_pairs)
     init: str = _f("kmeans", "Initialisation: kmeans (joint space, MDM §1) | random | herding | kcenter.")
 
     # ---- optimisation (MDM.md §4)
-    max_steps: int = _f(3000, "Distillation iterations.")
     real_batch_size: int = _f(256, "Real pairs per iteration (global, split across processes).")
     syn_batch_size: int = _f(64, "Synthetic pairs per iteration.")
     optimizer: str = _f("sgd", "sgd (momentum) | adam.")
@@ -99,67 +177,26 @@ class MDMConfig:
     temperature: float | None = _f(0.07, "InfoNCE temperature; None: the teacher's own logit scale.")
     contrastive: str = _f("auto", "auto (from the teacher) | clip (softmax InfoNCE) | siglip (sigmoid).")
 
-    # ---- evaluation, checkpoints, logging
-    eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
-    early_stopping_patience: int | None = _f(None, "Stop after N evaluations without improvement.")
-    save_steps: int = _f(100, "Checkpoint every N iterations (0: only at the end).")
-    save_total_limit: int | None = _f(2, "Keep at most N checkpoints (oldest removed).")
-    output_dir: str = _f("out", "Where checkpoints and the synthetic set are written.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
-    resume_from_checkpoint: str | None = _f(None, "A checkpoint dir, or 'latest' to resume from output_dir.")
-    logging_steps: int = _f(10, "Log losses, merge ratios, grad norms and timings every N iterations.")
+    # ---- logging and the Hub (budget, loop, validation and checkpoint fields: DistillRunArguments)
     report_to: str = _f("none", "Tracker for accelerate: none | tensorboard | trackio | wandb | all.")
-    seed: int = _f(0, "Seed of initialisation, teacher draws, batch sampling.")
     num_workers: int = _f(0, "DataLoader workers for real images that are not cached.")
     push_to_hub: bool = _f(False, "Push the synthetic set to the Hub at the end (needs hub_dataset_id).")
     hub_dataset_id: str | None = _f(None, "namespace/name of the dataset repo to push to.")
     hub_private: bool | None = _f(None, "Create the Hub repo as private.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = {
-            "num_pairs": self.num_pairs > 0,
-            "max_steps": self.max_steps >= 0,
             "real_batch_size": self.real_batch_size > 0,
             "syn_batch_size": self.syn_batch_size > 0,
             "experts_per_teacher": self.experts_per_teacher >= 1,
             "teacher_pool_size": self.teacher_pool_size >= 1,
             "sigma": self.sigma > 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"Invalid MDMConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
         choices = {
             "teacher_mode": ("fresh", "pooled"),
             "optimizer": ("sgd", "adam"),
             "init": ("kmeans", "random", "herding", "kcenter"),
             "contrastive": ("auto", "clip", "siglip"),
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"MDMConfig.{key}={getattr(self, key)!r}; choose one of {allowed}.")
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON/YAML-safe). Never holds a token: there is no token field by design."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MDMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown MDMConfig keys: {unknown}. Valid keys: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> MDMConfig:
-        """Load a YAML file (flat mapping of field -> value); keyword overrides win."""
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        values.update(overrides)
-        return cls.from_dict(values)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        check_values(self, checks, choices)

@@ -18,31 +18,20 @@ diverges. Checkpoints hold everything needed to continue bit-for-bit (tensors, o
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .checkpointing import (
-    CHECKPOINT_PREFIX,
-    flatten_optimizer_state,
-    prepare_output_dir,
-    read_checkpoint,
-    resolve_resume,
-    write_checkpoint,
-)
 from .config import MDMConfig
-from .data import ImageCaptionSplit, cached_text_features, load_image_caption_dataset, preprocess_split_images
+from .data import ImageCaptionSplit
+from .distill_loop import DistillState, SyntheticSetDistiller, ValidationFn
 from .models import DualEncoder
 
 logger = logging.getLogger(__name__)
 
-ValidationFn = Callable[["object", int], dict]  # (SyntheticSet, step) -> metrics with a "mean" key
+__all__ = ["MDMDistiller", "NonFiniteLossError", "StepTimings", "DistillState", "ValidationFn"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -61,17 +50,6 @@ class StepTimings:
     total: float = 0.0
 
 
-@dataclass
-class DistillState:
-    """What changes during the run besides the tensors: kept in ``trainer_state.json``."""
-
-    step: int = 0
-    best_score: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    history: list = field(default_factory=list)
-
-
 @contextmanager
 def _timer(timings: StepTimings, name: str):
     start = time.perf_counter()
@@ -79,7 +57,7 @@ def _timer(timings: StepTimings, name: str):
     setattr(timings, name, getattr(timings, name) + time.perf_counter() - start)
 
 
-class MDMDistiller:
+class MDMDistiller(SyntheticSetDistiller):
     """Distill an image-caption dataset into ``config.num_pairs`` synthetic pairs with MDM.
 
     Args:
@@ -102,15 +80,12 @@ class MDMDistiller:
     ) -> None:
         from accelerate import Accelerator
 
-        self.config = config
-        self.validation_fn = validation_fn
         log_with = None if config.report_to in ("none", "", None) else config.report_to
-        self.accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.output_dir)
+        accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.output_dir)
+        super().__init__(config, validation_fn, accelerator)
         self.teacher = teacher
         self.expert_bank = expert_bank
         self.train_data = train_data
-        self.state = DistillState()
-        self.timings: list[StepTimings] = []
         self._set_up = False
 
     # ================================================================== set-up
@@ -119,36 +94,7 @@ class MDMDistiller:
         if self._set_up:
             return
         cfg, acc = self.config, self.accelerator
-        if self.teacher is None:
-            self.teacher = DualEncoder.from_pretrained(
-                cfg.model_name_or_path, cfg.model_revision, cfg.text_pooling, cfg.trust_remote_code
-            )
-        self.teacher.to(acc.device).eval()
-        self.teacher.requires_grad_(False)  # only the synthetic tensors are optimised
-        if self.train_data is None:
-            self.train_data = load_image_caption_dataset(
-                cfg.dataset_name,
-                cfg.train_split,
-                revision=cfg.dataset_revision,
-                image_column=cfg.image_column,
-                caption_column=cfg.caption_column,
-                split_column=cfg.split_column,
-                image_root=cfg.image_root,
-                max_images=cfg.max_train_images,
-            )
-        data = self.train_data
-        if cfg.num_pairs > data.num_captions:
-            raise ValueError(
-                f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
-                f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
-            )
-        with acc.main_process_first():  # rank 0 fills the cache, the others read it
-            self.text_features = cached_text_features(
-                self.teacher, data, cfg.cache_dir, progress=acc.is_main_process
-            )
-        self.pixel_cache = None
-        if data.num_images <= cfg.max_cached_images:
-            self.pixel_cache = preprocess_split_images(self.teacher, data)
+        self._load_teacher_and_data(acc.device)
         if self.expert_bank is None and cfg.expert_bank is not None:
             from .experts import load_expert_bank
 
@@ -366,161 +312,33 @@ class MDMDistiller:
             "the teacher and data for NaNs; resume with --resume_from_checkpoint."
         )
 
-    # ================================================================== the loop
-    def distill(self):
-        """Run the whole distillation and return the best :class:`~mdm_hf.synthetic.SyntheticSet`."""
-        from tqdm.auto import tqdm
+    # ================================================================== loop hooks
+    progress_name = "MDM"
+    config_file = "mdm_config.json"
 
-        cfg, acc = self.config, self.accelerator
-        self._prepare_output_dir()
-        self.setup()
-        resume = self._resolve_resume()
-        self.initialize()
-        self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
-        if resume is not None:
-            self.load_checkpoint(resume)
+    def _before_loop(self) -> None:
+        cfg = self.config
         if cfg.teacher_mode == "pooled":
             self._build_pool()
-        if acc.is_main_process:
-            cfg.save(Path(cfg.output_dir) / "mdm_config.json")
         if cfg.report_to not in ("none", "", None):
-            acc.init_trackers("mdm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="MDM", disable=not acc.is_main_process)
-        stop = False
-        while self.state.step < cfg.max_steps and not stop:
-            logs, timings = self.training_step(self._generator)
-            self.state.step += 1
-            self.timings.append(timings)
-            bar.update(1)
-            step = self.state.step
-            if cfg.logging_steps and step % cfg.logging_steps == 0:
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                acc.log(logs, step=step)
-            if self.validation_fn is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                stop = self._evaluate(step)
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                self.save_checkpoint(self._generator)
-        bar.close()
-        if self.validation_fn is None:
-            self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
-        self.save_checkpoint(self._generator)
-        if cfg.report_to not in ("none", "", None):
-            acc.end_training()
-        return self.synthetic_set(*self._best)
+            self.accelerator.init_trackers(
+                "mdm", config={k: v for k, v in cfg.to_dict().items() if v is not None}
+            )
 
-    def _evaluate(self, step: int) -> bool:
-        """Validation hook + early stopping; returns True when training should stop."""
-        cfg = self.config
-        metrics = self.validation_fn(self.synthetic_set(self.syn_pixels, self.syn_text), step)
-        score = float(metrics["mean"])
-        self.state.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
-        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        if self.state.best_score is None or score > self.state.best_score:
-            self.state.best_score, self.state.best_step = score, step
-            self.state.evals_without_improvement = 0
-            self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
-        else:
-            self.state.evals_without_improvement += 1
-        patience = cfg.early_stopping_patience
-        return patience is not None and self.state.evals_without_improvement >= patience
+    def _after_loop(self) -> None:
+        if self.config.report_to not in ("none", "", None):
+            self.accelerator.end_training()
+
+    def _log(self, logs: dict, step: int) -> None:
+        self.accelerator.log(logs, step=step)
 
     # ================================================================== output
-    @torch.no_grad()
-    def synthetic_set(self, pixels: torch.Tensor, text: torch.Tensor, num_captions: int = 3):
-        """Wrap tensors as a :class:`~mdm_hf.synthetic.SyntheticSet` with nearest real captions and provenance."""
-        from .synthetic import SyntheticSet
-
-        sims = F.normalize(text.float(), dim=-1) @ F.normalize(self.text_features.float(), dim=-1).T
-        nearest = sims.topk(min(num_captions, sims.shape[1]), dim=1).indices
-        data = self.train_data
-        return SyntheticSet(  # copies: a hook or caller may modify the set without touching the optimised tensors
-            pixel_values=pixels.detach().float().cpu().clone(),
-            text_features=text.detach().float().cpu().clone(),
-            image_mean=self.teacher.image_mean,
-            image_std=self.teacher.image_std,
-            captions=[[data.captions[j] for j in row.tolist()] for row in nearest],
-            source_indices=self.source_indices.tolist(),
-            source_image_indices=data.caption_to_image[self.source_indices].tolist(),
-            provenance=self.provenance(),
-        )
-
     def provenance(self) -> dict:
-        """Where the set came from: ids and revisions, the full config, library versions."""
+        """Where the set came from: ids and revisions, the expert bank, the full config, library versions."""
         import accelerate
-        import datasets
-        import transformers
-
-        from . import __version__
 
         cfg = self.config
-        return {
-            "method": "MDM",
-            "teacher": cfg.model_name_or_path,
-            "teacher_revision": cfg.model_revision,
-            "teacher_family": self.teacher.family,
-            "text_encoder": cfg.model_name_or_path,
-            "text_pooling": self.teacher.text_pooling,
-            "expert_bank": cfg.expert_bank,
-            "expert_bank_revision": cfg.expert_bank_revision,
-            "source_dataset": self.train_data.name,
-            "source_dataset_revision": cfg.dataset_revision,
-            "source_split": self.train_data.split,
-            "source_fingerprint": self.train_data.fingerprint,
-            "license": self.train_data.license,
-            "selection": cfg.init,
-            "best_step": self.state.best_step,
-            "steps": self.state.step,
-            "config": cfg.to_dict(),
-            "versions": {
-                "mdm_hf": __version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "datasets": datasets.__version__,
-                "accelerate": accelerate.__version__,
-            },
-        }
-
-    # ================================================================== checkpoints
-    def _prepare_output_dir(self) -> None:
-        cfg = self.config
-        prepare_output_dir(cfg.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
-        self.accelerator.wait_for_everyone()  # every rank has checked before any rank writes
-
-    def _resolve_resume(self) -> Path | None:
-        return resolve_resume(
-            self.config.resume_from_checkpoint, self.config.output_dir, "synthetic.safetensors"
-        )
-
-    def save_checkpoint(self, generator: torch.Generator) -> Path:
-        """Write ``checkpoint-<step>/``: tensors, best tensors, optimiser state, RNG state (safetensors) + JSON."""
-        acc, cfg = self.accelerator, self.config
-        path = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.step}"
-        if acc.is_main_process:
-            synthetic = {
-                "pixel_values": self.syn_pixels,
-                "text_features": self.syn_text,
-                "best_pixel_values": self._best[0],
-                "best_text_features": self._best[1],
-                "source_indices": self.source_indices,
-                "rng_state": generator.get_state(),
-            }
-            opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
-            state = {**self.state.__dict__, "optimizer": opt_meta, "config": cfg.to_dict()}
-            files = {"synthetic.safetensors": synthetic, "optimizer.safetensors": opt_tensors}
-            write_checkpoint(path, files, state, keep=cfg.save_total_limit)
-        acc.wait_for_everyone()
-        return path
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore tensors, optimiser, RNG and loop state from ``path`` (must follow :meth:`initialize`)."""
-        tensors, state, opt = read_checkpoint(path, self.syn_pixels.shape, self.syn_text.shape)
-        with torch.no_grad():
-            self.syn_pixels.copy_(tensors["pixel_values"])
-            self.syn_text.copy_(tensors["text_features"])
-        self.source_indices = tensors["source_indices"].long()
-        self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
-        self._generator.set_state(tensors["rng_state"])
-        self.optimizer.load_state_dict(opt)
-        state.pop("config", None)
-        self.state = DistillState(**state)
-        logger.info("Resumed from %s at step %d", path, self.state.step)
+        out = self._common_provenance("MDM")
+        out.update(expert_bank=cfg.expert_bank, expert_bank_revision=cfg.expert_bank_revision)
+        out["versions"]["accelerate"] = accelerate.__version__
+        return out

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,10 +41,10 @@ from .anchor import (
     CaptionedImages,
     ContrastiveObjective,
     evaluate_recall,
-    load_split,
     prepare_output_dir,
     run_contrastive_training,
 )
+from .config import DatasetArguments, check_values
 from .config import config_field as _f
 from .models import DualEncoder, OfflineHubError, is_hub_offline
 
@@ -59,7 +60,7 @@ PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip"
 
 # ============================================================================================== configuration
 @dataclass
-class ExpertTrainingConfig:
+class ExpertTrainingConfig(DatasetArguments):
     """How to fine-tune the experts of a bank. Field help doubles as ``--help`` of ``mdm-hf experts``.
 
     LoRA goes on the vision tower's attention projections (``target_modules``, scoped to ``vision_model``'s encoder
@@ -74,19 +75,11 @@ class ExpertTrainingConfig:
     revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
     text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub.")
-    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
-    train_split: str = _f("train", "Split the experts are fine-tuned on.")
+    # data: the DatasetArguments fields (train_split: what the experts are fine-tuned on), and
     validation_split: str | None = _f(
         "validation", "Split for the per-epoch recall in the manifest (None: skip)."
     )
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy).")
-    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
     max_validation_images: int | None = _f(1000, "Score recall on at most N validation images.")
-    max_cached_images: int = _f(20000, "Preprocess all images once when the split has at most this many.")
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 
     # ---- experts
     num_experts: int = _f(4, "N: independently fine-tuned experts (MDM needs N >= 2 or several epochs).")
@@ -128,6 +121,12 @@ class ExpertTrainingConfig:
     # ---- output
     output_dir: str = _f("expert_bank", "Directory of the bank.")
     overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
+    resume: bool = _f(
+        False,
+        "Continue the bank in output_dir: experts its manifest lists are kept, the others are trained (one cut off "
+        "mid-way restarts at epoch 1; each expert has its own seed, so the bank equals an uninterrupted one). "
+        "Raising num_experts extends a finished bank. Anchor, data and training settings must match.",
+    )
     push_to_hub: bool = _f(False, "Push the bank to the Hub at the end (needs hub_model_id).")
     hub_model_id: str | None = _f(None, "namespace/name of the model repo to push the bank to.")
     hub_private: bool | None = _f(None, "Create the Hub repo as private.")
@@ -144,11 +143,7 @@ class ExpertTrainingConfig:
             "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
             "lora_dropout": 0.0 <= self.lora_dropout < 1.0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"Invalid ExpertTrainingConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
+        check_values(self, checks)
         if self.seeds is not None and len(self.seeds) != self.num_experts:
             raise ValueError(
                 f"seeds has {len(self.seeds)} entries but num_experts={self.num_experts}: give one seed per expert "
@@ -409,13 +404,16 @@ def train_expert_bank(
 
     acc = accelerator or Accelerator()
     out = Path(config.output_dir)
-    prepare_output_dir(out, config.overwrite_output_dir, acc)
+    previous = read_manifest(out) if config.resume and (out / MANIFEST_NAME).is_file() else None
+    if previous is None:
+        _clear_unfinished_experts(out, config.resume, acc)  # a first expert cut off leaves no manifest
+        prepare_output_dir(out, config.overwrite_output_dir, acc)
     if anchor is None:
         anchor = DualEncoder.from_pretrained(
             config.model_name_or_path, config.revision, config.text_pooling, config.trust_remote_code
         )
     anchor.requires_grad_(False)
-    train = load_split(config, config.train_split, config.max_train_images)
+    train = config.load_split()
     with acc.main_process_first():  # rank 0 fills the text-feature cache, the others read it
         train_features = cached_text_features(anchor, train, config.cache_dir)
     train_pixels = (
@@ -423,7 +421,7 @@ def train_expert_bank(
     )
     validation = None
     if config.validation_split:
-        val = load_split(config, config.validation_split, config.max_validation_images)
+        val = config.load_split(config.validation_split, config.max_validation_images)
         with acc.main_process_first():
             val_features = cached_text_features(anchor, val, config.cache_dir)
         validation = (preprocess_split_images(anchor, val), val_features, val.caption_to_image)
@@ -453,7 +451,13 @@ def train_expert_bank(
         "training": config.to_dict(),
         "experts": [],
     }  # fmt: skip
-    for index in range(config.num_experts):
+    if previous is not None:
+        manifest["experts"] = _resumable_experts(previous, manifest, config)
+        logger.info("Resuming the bank in %s: %d expert(s) kept.", out, len(manifest["experts"]))
+    for index in range(len(manifest["experts"]), config.num_experts):
+        if acc.is_main_process:
+            shutil.rmtree(out / f"expert-{index}", ignore_errors=True)  # epochs of a run that was cut off
+        acc.wait_for_everyone()
         record, _ = train_expert(
             config, index, anchor, train, train_features, train_pixels, acc, out, validation
         )
@@ -464,6 +468,54 @@ def train_expert_bank(
         write_bank_card(out, manifest)
     acc.wait_for_everyone()
     return out
+
+
+# settings that may change between an interrupted run and its resumption (they do not change the experts)
+RESUME_FREE_SETTINGS = ("num_experts", "seeds", "resume", "overwrite_output_dir", "num_workers", "push_to_hub",
+                        "hub_model_id", "hub_private", "cache_dir", "output_dir")  # fmt: skip
+
+
+def _clear_unfinished_experts(out: Path, resume: bool, accelerator) -> None:
+    """With ``resume`` and no manifest yet, the folder can only hold the first expert's cut-off epochs."""
+    if not resume or not out.is_dir():
+        return
+    if all(p.is_dir() and p.name.startswith("expert-") for p in out.iterdir()):
+        if accelerator.is_main_process:
+            for p in out.iterdir():
+                shutil.rmtree(p)
+        accelerator.wait_for_everyone()
+
+
+def _resumable_experts(previous: dict, manifest: dict, config: ExpertTrainingConfig) -> list[dict]:
+    """The finished experts of ``previous`` when it was made the same way as ``manifest``; else a clear error."""
+    differ = [k for k in ("kind", "lora", "trained_parameters", "num_epochs", "validation_metric")
+              if previous.get(k) != manifest.get(k)]  # fmt: skip
+    location = ("name_or_path",)  # the same anchor may be loaded from another folder
+    if {k: v for k, v in previous["anchor"].items() if k not in location} != {
+        k: v for k, v in manifest["anchor"].items() if k not in location
+    }:
+        differ.append("anchor")
+    if previous["dataset"].get("fingerprint") != manifest["dataset"].get("fingerprint"):
+        differ.append("dataset")
+    before, now = previous.get("training", {}), manifest["training"]
+    differ += [f"training.{k}" for k in sorted(set(before) | set(now))
+               if k not in RESUME_FREE_SETTINGS and before.get(k) != now.get(k)]  # fmt: skip
+    done = previous["experts"]
+    if len(done) > config.num_experts:
+        raise ValueError(
+            f"The bank in '{config.output_dir}' already has {len(done)} experts, more than num_experts="
+            f"{config.num_experts}. Raise num_experts or use another --output_dir."
+        )
+    seeds = config.expert_seeds
+    if [e["seed"] for e in done] != seeds[: len(done)]:
+        differ.append("seeds")
+    if differ:
+        raise ValueError(
+            f"Cannot resume the expert bank in '{config.output_dir}': it was made with other {', '.join(differ)}. "
+            "Resume with the settings in its manifest.json, or start over with --overwrite_output_dir true or "
+            "another --output_dir."
+        )
+    return list(done)
 
 
 # ============================================================================================== bank files

@@ -76,3 +76,21 @@ def test_recipe_distills_from_yaml_and_overrides(tiny_clip_dir, tiny_dataset_dir
     assert len(ds) == 8
     saved = (out / "mdm_config.json").read_text()
     assert '"max_steps": 4' in saved and "token" not in saved.lower()
+
+
+def test_config_values_are_checked_with_the_field_and_the_fix():
+    from mdm_hf.baselines.trajectory_matching import TrajectoryMatchingConfig
+    from mdm_hf.config import MDMConfig
+
+    with pytest.raises(ValueError, match=r"Invalid MDMConfig values: num_pairs=0, max_steps=-1"):
+        MDMConfig(num_pairs=0, max_steps=-1)
+    with pytest.raises(ValueError, match=r"Invalid MDMConfig values: sigma=0\.0"):
+        MDMConfig(sigma=0.0)
+    with pytest.raises(
+        ValueError, match=r"MDMConfig\.teacher_mode='cached'; choose one of \('fresh', 'pooled'\)"
+    ):
+        MDMConfig(teacher_mode="cached")
+    with pytest.raises(ValueError, match=r"Invalid TrajectoryMatchingConfig values: num_pairs=0"):
+        TrajectoryMatchingConfig(num_pairs=0)  # the shared run fields are checked for every method
+    with pytest.raises(ValueError, match="Unknown TrajectoryMatchingConfig keys: \\['lr'\\]"):
+        TrajectoryMatchingConfig.from_dict({"lr": 1.0})

@@ -135,6 +135,25 @@ def test_validation_hook_keeps_best_state_and_stops_early(tiny_clip_dir, tiny_da
     assert torch.equal(best.pixel_values, seen[1][1])
 
 
+def test_eval_on_start_can_keep_the_initial_coreset(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    """When distillation never beats the k-means coreset on validation, eval_on_start returns the coreset itself."""
+    scores = iter([9.0, 5.0, 4.0, 3.0, 2.0])
+    seen = []
+
+    def hook(synthetic, step):
+        seen.append(step)
+        return {"mean": next(scores)}
+
+    cfg = tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", eval_steps=5, eval_on_start=True)
+    distiller = MDMDistiller(cfg, validation_fn=hook)
+    distiller.setup()
+    initial_pixels = distiller.real_pixels(distiller.initialize()).cpu()
+    best = distiller.distill()
+    assert seen == [0, 5, 10, 15, 20] and distiller.state.best_step == 0
+    assert torch.equal(best.pixel_values, initial_pixels)
+    assert not torch.equal(distiller.syn_pixels.detach().cpu(), initial_pixels)  # the run itself did move
+
+
 def _random_lora_bank(teacher, num_experts=2, num_epochs=2, rank=2):
     from mdm_hf.merge import ExpertBank, LowRankDelta
 

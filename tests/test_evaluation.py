@@ -14,17 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdm_hf import evaluation
+from mdm_hf import evaluation, students
 from mdm_hf.augment import AugmentParams, DiffAugment
 from mdm_hf.evaluation import (
-    PixelSpace,
     StudentConfig,
     StudentEvaluator,
-    convert_pixels,
     evaluate_student,
     format_results_table,
     student_validation_fn,
 )
+from mdm_hf.students import PixelSpace, convert_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean")
@@ -325,7 +324,7 @@ def test_paper_track_cross_architecture_student(tiny_model_dirs, tiny_dataset_di
     student = evaluator.build_student()
     assert type(student.vision.model).__name__ == "ResNetModel"
     assert isinstance(student.visual_projection, torch.nn.Identity)  # paper: the text side projects
-    assert isinstance(student.text_projection, evaluation.ProjectionHead)  # the paper track's MLP text head
+    assert isinstance(student.text_projection, students.ProjectionHead)  # the paper track's MLP text head
     assert student.text_projection.projection.weight.shape == (16, evaluator.teacher.text_feature_dim)
     assert not student.log_logit_scale.requires_grad  # tau fixed at 0.07
     record = evaluator.run("kcenter", 0)
@@ -433,7 +432,7 @@ class _FakeSet:
 def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="preset must be one of"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, preset="fast")
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match=r"StudentConfig\.method='forgetting'; choose one of"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, method="forgetting")
     with pytest.raises(ValueError, match="keep_pretrained_head"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, keep_pretrained_head=True, track="paper")
@@ -447,7 +446,7 @@ def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_p
 
 
 def test_student_logit_scale_is_exponentiated_once():
-    student = evaluation.StudentModel(torch.nn.Flatten(), 12, 5, 4, temperature=0.05)
+    student = students.StudentModel(torch.nn.Flatten(), 12, 5, 4, temperature=0.05)
     img, txt = torch.randn(3, 3, 2, 2), torch.randn(3, 5)
     zi, zt = student(img, txt)
     torch.testing.assert_close(zi.norm(dim=-1), torch.ones(3))
@@ -457,7 +456,7 @@ def test_student_logit_scale_is_exponentiated_once():
 
 def test_projection_head_matches_its_formula():
     torch.manual_seed(0)
-    head = evaluation.ProjectionHead(5, 4).eval()  # eval: dropout off
+    head = students.ProjectionHead(5, 4).eval()  # eval: dropout off
     x = torch.randn(3, 5)
     p = x @ head.projection.weight.T + head.projection.bias
     h = p + (F.gelu(p) @ head.fc.weight.T + head.fc.bias)

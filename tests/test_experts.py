@@ -143,6 +143,40 @@ def test_bank_layout_manifest_and_card(family, banks, tiny_model_dirs):
     assert a[lora_b].abs().sum() > 0 and not torch.equal(a[lora_b], b[lora_b])
 
 
+def test_interrupted_bank_resumes_to_the_uninterrupted_one(
+    banks, tiny_model_dirs, tiny_dataset_dir, tmp_path
+):
+    """A run cut off after expert 0 (expert 1 half-written) resumes to exactly the straight 2-expert bank."""
+    out = tmp_path / "bank"
+    args = _tiny_args(tiny_model_dirs["clip"], tiny_dataset_dir, out)
+    assert experts_main([*args, "--num_experts", "1"]) == 0
+    partial = out / "expert-1" / "epoch-1"
+    partial.mkdir(parents=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"cut off")
+    with pytest.raises(FileExistsError, match="not empty"):  # never overwritten silently
+        experts_main(args)
+    with pytest.raises(ValueError, match=r"other training\.learning_rate"):
+        experts_main([*args, "--resume", "true", "--learning_rate", "0.02"])
+    assert experts_main([*args, "--resume", "true"]) == 0
+    straight, resumed = read_manifest(banks["clip"]), read_manifest(out)
+    assert [e["seed"] for e in resumed["experts"]] == [0, 1]
+    for a, b in zip(straight["experts"], resumed["experts"], strict=True):
+        assert [e["train_loss"] for e in a["epochs"]] == [e["train_loss"] for e in b["epochs"]]
+        for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
+            ta = load_file(str(banks["clip"] / ea["path"] / "adapter_model.safetensors"))
+            tb = load_file(str(out / eb["path"] / "adapter_model.safetensors"))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(ValueError, match="already has 2 experts"):
+        experts_main([*args, "--resume", "true", "--num_experts", "1"])
+    # cut off inside the first expert: no manifest yet, only its epochs -> they are redone
+    first = tmp_path / "first"
+    (first / "expert-0" / "epoch-1").mkdir(parents=True)
+    args = _tiny_args(
+        tiny_model_dirs["clip"], tiny_dataset_dir, first, "--num_experts", "1", "--resume", "true"
+    )
+    assert experts_main(args) == 0 and len(read_manifest(first)["experts"]) == 1
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_lora_offsets_equal_peft_merge_and_unload(family, banks, tiny_model_dirs):
     """Every converted checkpoint: anchor + offsets == peft's merge_and_unload() weights, tensor by tensor."""

@@ -5,7 +5,6 @@ end-to-end distillation on the tiny CLIP fixture from recorded trajectories."""
 import copy
 import json
 import shutil
-import weakref
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from mdm_hf.baselines.trajectory_matching import (
 from mdm_hf.data import load_image_caption_dataset
 from mdm_hf.losses import clip_contrastive_loss
 from mdm_hf.models import DualEncoder
+from mdm_hf.profiling import SavedTensorsMeter
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -393,33 +393,14 @@ def test_unrolling_copies_no_module_and_never_writes_the_teacher(tiny, tmp_path,
         )
 
 
-class _LiveSavedBytes:
-    """Peak bytes held by autograd's saved tensors (activations kept for backward), via saved-tensor hooks."""
-
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def __enter__(self):
-        class Box:
-            def __init__(box, tensor):
-                box.tensor = tensor
-
-        def pack(tensor):
-            box, size = Box(tensor), tensor.numel() * tensor.element_size()
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(box, self._release, size)
-            return box
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor)
-        self._ctx.__enter__()
-        return self
-
-    def _release(self, size):
-        self.live -= size
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
+def test_saved_tensors_meter_counts_what_backward_keeps():
+    x = torch.randn(1000, requires_grad=True)
+    with SavedTensorsMeter() as meter:
+        y = torch.exp(x)  # exp saves its output: 1000 float32 = 4000 bytes
+        assert meter.live == meter.peak == 4000
+        y.sum().backward()
+        del y
+    assert meter.live == 0 and meter.peak == 4000
 
 
 def test_full_unroll_memory_grows_with_steps_and_tesla_stays_flat(tiny, tmp_path):
@@ -428,7 +409,7 @@ def test_full_unroll_memory_grows_with_steps_and_tesla_stays_flat(tiny, tmp_path
         for steps in (2, 6):
             d = _distiller(tiny, tmp_path / f"{unroll}{steps}", syn_steps=steps, unroll=unroll)
             d.initialize()
-            with _LiveSavedBytes() as meter:
+            with SavedTensorsMeter() as meter:
                 d.training_step(torch.Generator().manual_seed(0))
             assert meter.live == 0  # every graph is released after the step
             peaks[unroll, steps] = meter.peak
@@ -489,3 +470,33 @@ def test_benchmark_time_to_95_percent_and_lors_presets():
     stable = bench.lors_preset(100)
     assert stable["lr_lr"] == pytest.approx(1e-4) and stable["lr_sim"] == pytest.approx(0.1)
     TrajectoryMatchingConfig(**{k: v for k, v in stable.items() if k != "preset_budget"})  # valid fields
+
+
+def test_benchmark_ratios_and_partial_results_render():
+    bench = _benchmark_module()
+    cost = {
+        "tm": {"seconds_per_iteration": 4.0, "autograd_saved_peak_mb": 220.0, "loop_rss_above_setup_mb": 400.0,
+               "setup_seconds": 4.0},
+        "mdm_fresh": {"seconds_per_iteration": 1.0, "autograd_saved_peak_mb": 140.0, "loop_rss_above_setup_mb": 200.0,
+                      "setup_seconds": 12.0},
+        "mdm_pooled": {"seconds_per_iteration": 0.25, "autograd_saved_peak_mb": 140.0,
+                       "loop_rss_above_setup_mb": 100.0, "setup_seconds": 40.0},
+    }  # fmt: skip
+    quality = lambda s, n: {"seconds_to_95pct": s, "steps_to_95pct": n, "iterations": 2 * n, "best_mean": 9.0,  # noqa: E731
+                            "best_step": n, "median_seconds_per_iteration": 1.0}  # fmt: skip
+    done = {"cost": cost, "quality_mdm": quality(50.0, 50), "quality_tm": quality(400.0, 100)}
+    bench._ratios(done)
+    r = done["ratios"]
+    assert r["tm_over_mdm_fresh_seconds_per_iteration"] == 4.0
+    assert r["tm_over_mdm_pooled_seconds_per_iteration"] == 16.0
+    assert r["tm_over_mdm_seconds_to_95pct"] == 8.0 and r["tm_over_mdm_iterations_to_95pct"] == 2.0
+    assert r["tm_over_mdm_pooled_loop_rss_above_setup"] == 4.0
+    pending = {
+        "cost": {"mdm_fresh": cost["mdm_fresh"]}
+    }  # a crash-safe write happens before every budget is done
+    storage = {"experts": 2, "epochs": 3, "lora_bank_bytes": 2**20, "trajectory_buffer_bytes": 10 * 2**20,
+               "lora_checkpoint_bytes": 2**18, "full_checkpoint_bytes": 2**21, "buffer_over_bank": 10.0}  # fmt: skip
+    text = bench.render_markdown({"budgets": {"100": done, "200": pending},
+                                  "prepare": {"storage": storage, "seconds": {}}})  # fmt: skip
+    assert "| 100 | 4.000 | 1.000 | 4.00 | 0.250 | 16.00 |" in text
+    assert "| 200 |" not in text.split("## Time to quality")[0]

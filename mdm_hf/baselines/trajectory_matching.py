@@ -42,21 +42,16 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpointing import (
-    CHECKPOINT_PREFIX,
-    flatten_optimizer_state,
-    prepare_output_dir,
-    read_checkpoint,
-    resolve_resume,
-    write_checkpoint,
-)
+from ..config import DistillRunArguments, check_values
+from ..config import config_field as _f
+from ..distill_loop import SyntheticSetDistiller, ValidationFn
 from ..models import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -82,13 +77,9 @@ TEXT_PROJECTION_PREFIXES = ("text_projection.", "text_model.head.")
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def _f(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
-    return field(default=default, metadata={"help": help, **kw})
-
-
 # ============================================================================================== configuration
 @dataclass
-class TrajectoryMatchingConfig:
+class TrajectoryMatchingConfig(DistillRunArguments):
     """One trajectory-matching run. Field help doubles as ``--help``.
 
     Defaults are MTT-VL's (no similarity matrix, InfoNCE); LoRS' Flickr30k-100 script is ``similarity="lowrank"``,
@@ -112,22 +103,9 @@ class TrajectoryMatchingConfig:
     trajectory_buffer_revision: str | None = _f(None, "Revision of the trajectory buffer on the Hub.")
     cache_trajectories: bool = _f(True, "Keep every loaded checkpoint in memory (else re-read from disk).")
 
-    # ---- data
-    dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
-    dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
-    train_split: str = _f("train", "Split that is distilled (the experts' training split).")
-    image_column: str | None = _f(None, "Image column (auto-detected when None).")
-    caption_column: str | None = _f(None, "Caption column (auto-detected when None).")
-    split_column: str | None = _f(None, "Column holding split names inside one Hub split (Karpathy; auto).")
-    image_root: str | None = _f(None, "Directory that relative image paths are resolved against.")
-    max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
-    max_cached_images: int = _f(
-        20000, "Preprocess all real images once when the split has at most this many."
-    )
-    cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
+    # ---- data: the DatasetArguments fields
 
     # ---- synthetic set
-    num_pairs: int = _f(100, "K: number of synthetic image-text pairs.")
     init: str = _f(
         "random", "Initial real pairs: random (LoRS) | kmeans (MDM's joint k-means) | herding | kcenter."
     )
@@ -159,7 +137,6 @@ class TrajectoryMatchingConfig:
     sim_alpha: float = _f(3.0, "alpha of LoRS' low-rank similarity matrix: S = diag(a) + (alpha / r) L R^T.")
 
     # ---- outer optimisation (SGD with momentum, as LoRS)
-    max_steps: int = _f(3000, "Distillation iterations.")
     lr_pixels: float = _f(100.0, "Learning rate of the synthetic pixels.")
     lr_text: float = _f(100.0, "Learning rate of the synthetic text features.")
     lr_lr: float = _f(1e-2, "Learning rate of the learnable inner step sizes.")
@@ -174,52 +151,28 @@ class TrajectoryMatchingConfig:
         None, "Clamp the learned step sizes from below (LoRS' clamp_lr; None: no clamp)."
     )
 
-    # ---- evaluation, checkpoints, logging
-    eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
-    early_stopping_patience: int | None = _f(None, "Stop after N evaluations without improvement.")
-    save_steps: int = _f(100, "Checkpoint every N iterations (0: only at the end).")
-    save_total_limit: int | None = _f(2, "Keep at most N checkpoints (oldest removed).")
+    # ---- budget, loop, validation, checkpoints: DistillRunArguments, with
     output_dir: str = _f("out-tm", "Where checkpoints, extras and the synthetic set are written.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
-    resume_from_checkpoint: str | None = _f(None, "A checkpoint dir, or 'latest' to resume from output_dir.")
-    logging_steps: int = _f(10, "Log losses and step sizes every N iterations.")
-    seed: int = _f(0, "Seed of initialisation, expert / epoch draws and mini-batches.")
     device: str | None = _f(None, "cpu | cuda | cuda:1 ... (None: cuda when available).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = {
-            "num_pairs": self.num_pairs > 0,
             "syn_steps": self.syn_steps >= 1,
             "expert_epochs": self.expert_epochs >= 1,
             "max_start_epoch": self.max_start_epoch >= 1,
             "mini_batch_size": self.mini_batch_size >= 1,
-            "max_steps": self.max_steps >= 0,
             "sim_rank": self.sim_rank >= 1,
             "syn_lr_init": self.syn_lr_init is None or self.syn_lr_init > 0,
             "temperature": self.temperature is None or self.temperature > 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"Invalid TrajectoryMatchingConfig values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
-            )
         choices = {
             "unroll": ("full", "tesla"),
             "inner_loss": ("infonce", "wbce"),
             "similarity": ("none", "lowrank", "full"),
             "init": ("random", "kmeans", "herding", "kcenter"),
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(
-                    f"TrajectoryMatchingConfig.{key}={getattr(self, key)!r}; choose one of {allowed}."
-                )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        check_values(self, checks, choices)
 
 
 # ============================================================================================== losses
@@ -689,7 +642,7 @@ class TMStepTimings:
     total: float = 0.0
 
 
-class TrajectoryMatchingDistiller:
+class TrajectoryMatchingDistiller(SyntheticSetDistiller):
     """Distil ``config.num_pairs`` synthetic pairs by matching expert trajectories (MTT-VL / LoRS).
 
     Args:
@@ -704,54 +657,25 @@ class TrajectoryMatchingDistiller:
     def __init__(
         self,
         config: TrajectoryMatchingConfig,
-        validation_fn: Callable[[object, int], dict] | None = None,
+        validation_fn: ValidationFn | None = None,
         teacher: DualEncoder | None = None,
         train_data=None,
         buffer: TrajectoryBuffer | None = None,
     ) -> None:
-        from ..distill import DistillState
-
-        self.config = config
-        self.validation_fn = validation_fn
+        super().__init__(config, validation_fn, accelerator=None)
         self.teacher = teacher
         self.train_data = train_data
         self.buffer = buffer
-        self.state = DistillState()
-        self.timings: list[TMStepTimings] = []
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._set_up = False
-        self._distill_seconds = 0.0
 
     # ================================================================== set-up
     def setup(self) -> None:
         """Load teacher, data, cached text features and the trajectory buffer; check the schedule fits."""
         if self._set_up:
             return
-        from ..data import cached_text_features, load_image_caption_dataset, preprocess_split_images
-
         cfg = self.config
-        if self.teacher is None:
-            self.teacher = DualEncoder.from_pretrained(
-                cfg.model_name_or_path, cfg.model_revision, cfg.text_pooling, cfg.trust_remote_code
-            )
-        self.teacher.to(self.device).eval()
-        self.teacher.requires_grad_(False)  # the trained tensors are passed functionally, never written
-        if self.train_data is None:
-            self.train_data = load_image_caption_dataset(
-                cfg.dataset_name, cfg.train_split, revision=cfg.dataset_revision, image_column=cfg.image_column,
-                caption_column=cfg.caption_column, split_column=cfg.split_column, image_root=cfg.image_root,
-                max_images=cfg.max_train_images,
-            )  # fmt: skip
-        data = self.train_data
-        if cfg.num_pairs > data.num_captions:
-            raise ValueError(
-                f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
-                f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
-            )
-        self.text_features = cached_text_features(self.teacher, data, cfg.cache_dir)
-        self.pixel_cache = (
-            preprocess_split_images(self.teacher, data) if data.num_images <= cfg.max_cached_images else None
-        )
+        self._load_teacher_and_data(self.device)
         if self.buffer is None:
             if cfg.trajectory_buffer is None:
                 raise ValueError(
@@ -859,7 +783,6 @@ class TrajectoryMatchingDistiller:
             )
         self.optimizer = torch.optim.SGD(groups, lr=0.0)
         self._generator = torch.Generator().manual_seed(cfg.seed + 1)  # expert / epoch / mini-batch draws
-        self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
         return chosen
 
     @property
@@ -977,114 +900,29 @@ class TrajectoryMatchingDistiller:
         }
         return logs, timings
 
-    # ================================================================== the loop
-    def distill(self):
-        """Run the whole distillation and return the best :class:`~mdm_hf.synthetic.SyntheticSet`."""
-        from tqdm.auto import tqdm
+    # ================================================================== loop hooks
+    progress_name = "TM"
+    config_file = "tm_config.json"
 
-        cfg = self.config
-        self._prepare_output_dir()
-        self.setup()
-        resume = self._resolve_resume()
-        self.initialize()
-        if resume is not None:
-            self.load_checkpoint(resume)
-        cfg.save(Path(cfg.output_dir) / "tm_config.json")
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="TM")
-        stop = False
-        while self.state.step < cfg.max_steps and not stop:
-            logs, timings = self.training_step(self._generator)
-            self._distill_seconds += timings.total
-            self.state.step += 1
-            self.timings.append(timings)
-            bar.update(1)
-            step = self.state.step
-            if cfg.logging_steps and step % cfg.logging_steps == 0:
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                logger.info("TM step %d: %s", step, logs)
-            if self.validation_fn is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                stop = self._evaluate(step)
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                self.save_checkpoint(self._generator)
-        bar.close()
-        if self.validation_fn is None:
-            self._best = (self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone())
-        self.save_checkpoint(self._generator)
-        self.save_extras(Path(cfg.output_dir) / EXTRAS_FILE)
-        return self.synthetic_set(*self._best)
-
-    def _evaluate(self, step: int) -> bool:
-        """Validation hook + early stopping; returns True when training should stop."""
-        pixels, text = self.syn_pixels.detach().cpu(), self.syn_text.detach().cpu()
-        metrics = self.validation_fn(self.synthetic_set(pixels, text), step)
-        score = float(metrics["mean"])
-        self.state.history.append(
-            {
-                "step": step,
-                "distill_seconds": self._distill_seconds,
-                **{k: float(v) for k, v in metrics.items()},
-            }
-        )
-        if self.state.best_score is None or score > self.state.best_score:
-            self.state.best_score, self.state.best_step = score, step
-            self.state.evals_without_improvement = 0
-            self._best = (pixels.clone(), text.clone())
-        else:
-            self.state.evals_without_improvement += 1
-        patience = self.config.early_stopping_patience
-        return patience is not None and self.state.evals_without_improvement >= patience
+    def _after_loop(self) -> None:
+        self.save_extras(Path(self.config.output_dir) / EXTRAS_FILE)
 
     # ================================================================== output
-    @torch.no_grad()
-    def synthetic_set(self, pixels: torch.Tensor, text: torch.Tensor, num_captions: int = 3):
-        """Wrap tensors as a :class:`~mdm_hf.synthetic.SyntheticSet` (nearest real captions, provenance)."""
-        from ..synthetic import SyntheticSet
-
-        sims = F.normalize(text.float(), dim=-1) @ F.normalize(self.text_features.float(), dim=-1).T
-        nearest = sims.topk(min(num_captions, sims.shape[1]), dim=1).indices
-        data = self.train_data
-        return SyntheticSet(
-            pixel_values=pixels.float().cpu().contiguous(),
-            text_features=text.float().cpu().contiguous(),
-            image_mean=self.teacher.image_mean,
-            image_std=self.teacher.image_std,
-            captions=[[data.captions[j] for j in row.tolist()] for row in nearest],
-            source_indices=self.source_indices.tolist(),
-            source_image_indices=data.caption_to_image[self.source_indices].tolist(),
-            provenance=self.provenance(),
-        )
-
     def provenance(self) -> dict:
         """Where the set came from: ids, the buffer, the full config, the learned step sizes, library versions."""
-        import datasets
-        import transformers
-
         from .. import __version__
 
         cfg = self.config
         lors = cfg.similarity != "none"
-        return {
-            "method": "LoRS (trajectory matching + learned similarity)" if lors else "MTT-VL (trajectory matching)",
-            "teacher": cfg.model_name_or_path,
-            "teacher_revision": cfg.model_revision,
-            "teacher_family": self.teacher.family,
-            "text_encoder": cfg.model_name_or_path,
-            "text_pooling": self.teacher.text_pooling,
-            "trajectory_buffer": str(cfg.trajectory_buffer or getattr(self.buffer, "directory", "")),
-            "source_dataset": self.train_data.name,
-            "source_dataset_revision": cfg.dataset_revision,
-            "source_split": self.train_data.split,
-            "source_fingerprint": self.train_data.fingerprint,
-            "license": self.train_data.license,
-            "selection": cfg.init,
-            "best_step": self.state.best_step,
-            "steps": self.state.step,
-            "syn_lrs": {g: float(v.detach()) for g, v in self.syn_lrs.items()},
-            "config": cfg.to_dict(),
-            "versions": {"mdm_hf": __version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__, "datasets": datasets.__version__},
-            "created_with": f"mdm-hf {__version__}",
-        }  # fmt: skip
+        out = self._common_provenance(
+            "LoRS (trajectory matching + learned similarity)" if lors else "MTT-VL (trajectory matching)"
+        )
+        out.update(
+            trajectory_buffer=str(cfg.trajectory_buffer or getattr(self.buffer, "directory", "")),
+            syn_lrs={g: float(v.detach()) for g, v in self.syn_lrs.items()},
+            created_with=f"mdm-hf {__version__}",
+        )
+        return out
 
     def save_extras(self, path: str | os.PathLike) -> Path:
         """LoRS' by-products the common student protocol does not use: the learned step sizes and similarity."""
@@ -1099,58 +937,18 @@ class TrajectoryMatchingDistiller:
         return Path(path)
 
     # ================================================================== checkpoints
-    def _prepare_output_dir(self) -> None:
-        cfg = self.config
-        prepare_output_dir(cfg.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
-
-    def _resolve_resume(self) -> Path | None:
-        return resolve_resume(
-            self.config.resume_from_checkpoint, self.config.output_dir, "synthetic.safetensors"
-        )
-
-    def save_checkpoint(self, generator: torch.Generator) -> Path:
-        """``checkpoint-<step>/``: tensors, best tensors, step sizes, similarity, optimiser and RNG state + JSON."""
-        cfg = self.config
-        path = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.step}"
-        synthetic = {
-            "pixel_values": self.syn_pixels,
-            "text_features": self.syn_text,
-            "best_pixel_values": self._best[0],
-            "best_text_features": self._best[1],
-            "source_indices": self.source_indices,
-            "rng_state": generator.get_state(),
-            **{f"syn_lr.{g}": v.reshape(1) for g, v in self.syn_lrs.items()},
-        }
+    def _checkpoint_extras(self) -> dict[str, torch.Tensor]:
+        extras = {f"syn_lr.{g}": v.reshape(1) for g, v in self.syn_lrs.items()}
         if self.similarity is not None:
-            synthetic.update({f"similarity.{n}": p for n, p in self.similarity.named_parameters()})
-        opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
-        state = {**self.state.__dict__, "distill_seconds": self._distill_seconds, "optimizer": opt_meta,
-                 "config": cfg.to_dict()}  # fmt: skip
-        files = {"synthetic.safetensors": synthetic, "optimizer.safetensors": opt_tensors}
-        return write_checkpoint(path, files, state, keep=cfg.save_total_limit)
+            extras.update({f"similarity.{n}": p for n, p in self.similarity.named_parameters()})
+        return extras
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore tensors, step sizes, similarity, optimiser, RNG and loop state (call after :meth:`initialize`)."""
-
-        from ..distill import DistillState
-
-        tensors, state, opt = read_checkpoint(path, self.syn_pixels.shape, self.syn_text.shape)
-        with torch.no_grad():
-            self.syn_pixels.copy_(tensors["pixel_values"])
-            self.syn_text.copy_(tensors["text_features"])
-            for g, v in self.syn_lrs.items():
-                v.copy_(tensors[f"syn_lr.{g}"].reshape(()))
-            if self.similarity is not None:
-                for n, p in self.similarity.named_parameters():
-                    p.copy_(tensors[f"similarity.{n}"])
-        self.source_indices = tensors["source_indices"].long()
-        self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
-        self._generator.set_state(tensors["rng_state"])
-        self.optimizer.load_state_dict(opt)
-        state.pop("config", None)
-        self._distill_seconds = float(state.pop("distill_seconds", 0.0))
-        self.state = DistillState(**state)
-        logger.info("Resumed from %s at step %d", path, self.state.step)
+    def _restore_extras(self, tensors: dict[str, torch.Tensor]) -> None:
+        for g, v in self.syn_lrs.items():
+            v.copy_(tensors[f"syn_lr.{g}"].reshape(()))
+        if self.similarity is not None:
+            for n, p in self.similarity.named_parameters():
+                p.copy_(tensors[f"similarity.{n}"])
 
 
 # ============================================================================================== CLI

@@ -1,0 +1,308 @@
+"""What every distiller of this package shares: the outer loop, validation and early stopping, checkpoints, output.
+
+:class:`~mdm_hf.distill.MDMDistiller` and the trajectory-matching baseline
+(:class:`~mdm_hf.baselines.trajectory_matching.TrajectoryMatchingDistiller`) differ in one thing: what a training
+step does. Both learn synthetic pixels ``x~`` and text features ``e~`` initialised from real pairs, keep the best
+state under a validation hook, checkpoint to resume bit for bit, and return the same
+:class:`~mdm_hf.synthetic.SyntheticSet`. That common part lives here once, so the two are measured on equal terms.
+
+A subclass provides ``setup()``, ``initialize()`` (sets ``syn_pixels``, ``syn_text``, ``source_indices``,
+``optimizer``, ``_generator``), ``training_step(generator) -> (logs, timings)`` and ``provenance()``; it may extend
+the hooks ``_before_loop`` / ``_after_loop`` / ``_log`` and the checkpoint extras.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpointing import (
+    CHECKPOINT_PREFIX,
+    flatten_optimizer_state,
+    prepare_output_dir,
+    read_checkpoint,
+    resolve_resume,
+    write_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+ValidationFn = Callable[["object", int], dict]  # (SyntheticSet, step) -> metrics with a "mean" key
+
+
+@dataclass
+class DistillState:
+    """What changes during the run besides the tensors: kept in ``trainer_state.json``."""
+
+    step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    distill_seconds: float = 0.0  # sum of the iterations' seconds (validation and checkpoints excluded)
+    history: list = field(default_factory=list)
+
+
+class SyntheticSetDistiller:
+    """Base of the distillers: the loop, the validation hook, checkpoints and the :class:`SyntheticSet` output.
+
+    Attributes a subclass sets: ``config`` (with ``output_dir``, ``max_steps``, ``eval_steps``, ``save_steps``,
+    ``eval_on_start``, ``logging_steps``, ``save_total_limit``, ``early_stopping_patience``, ``resume_from_checkpoint``,
+    ``overwrite_output_dir``, ``save(path)`` and ``to_dict()``), ``validation_fn``, ``teacher``, ``train_data``,
+    ``text_features``, and ``accelerator`` (None: a single process).
+    """
+
+    progress_name = "distill"  # the progress bar's label
+    config_file = "config.json"  # the run's config, written to output_dir
+
+    def __init__(self, config, validation_fn: ValidationFn | None = None, accelerator=None) -> None:
+        self.config = config
+        self.validation_fn = validation_fn
+        self.accelerator = accelerator
+        self.state = DistillState()
+        self.timings: list = []
+
+    # ================================================================== what a subclass provides
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def initialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, generator: torch.Generator) -> tuple[dict, object]:
+        raise NotImplementedError
+
+    def provenance(self) -> dict:
+        raise NotImplementedError
+
+    def _before_loop(self) -> None:
+        """After set-up and resume, before the first step (MDM: the teacher pool, trackers)."""
+
+    def _after_loop(self) -> None:
+        """After the last checkpoint (MDM: close trackers; TM: LoRS' extras)."""
+
+    def _log(self, logs: dict, step: int) -> None:
+        logger.info("%s step %d: %s", self.progress_name, step, logs)
+
+    def _checkpoint_extras(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the synthetic set that a checkpoint must hold (TM: step sizes, similarity)."""
+        return {}
+
+    def _restore_extras(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`_checkpoint_extras` saved."""
+
+    # ================================================================== processes
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def _wait_for_everyone(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    # ================================================================== set-up
+    def _load_teacher_and_data(self, device: torch.device | str) -> None:
+        """The frozen teacher on ``device``, the train split (checked against the budget), its cached text
+        features ``e = E_t(c)`` and, when the split is small enough, its preprocessed pixels."""
+        from .data import cached_text_features, preprocess_split_images
+        from .models import DualEncoder
+
+        cfg = self.config
+        if self.teacher is None:
+            self.teacher = DualEncoder.from_pretrained(
+                cfg.model_name_or_path, cfg.model_revision, cfg.text_pooling, cfg.trust_remote_code
+            )
+        self.teacher.to(device).eval()
+        self.teacher.requires_grad_(False)  # only the synthetic tensors are optimised
+        if self.train_data is None:
+            self.train_data = cfg.load_split()
+        data = self.train_data
+        if cfg.num_pairs > data.num_captions:
+            raise ValueError(
+                f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
+                f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
+            )
+        first = self.accelerator.main_process_first() if self.accelerator is not None else nullcontext()
+        with first:  # rank 0 fills the cache, the others read it
+            self.text_features = cached_text_features(
+                self.teacher, data, cfg.cache_dir, progress=self.is_main_process
+            )
+        self.pixel_cache = None
+        if data.num_images <= cfg.max_cached_images:
+            self.pixel_cache = preprocess_split_images(self.teacher, data)
+
+    # ================================================================== the loop
+    def _current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU copies of the synthetic tensors now."""
+        return self.syn_pixels.detach().cpu().clone(), self.syn_text.detach().cpu().clone()
+
+    def distill(self):
+        """Run the whole distillation and return the best :class:`~mdm_hf.synthetic.SyntheticSet`.
+
+        With a validation hook, "best" is the state with the highest validation mean; without one, the last state.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self._prepare_output_dir()
+        self.setup()
+        resume = self._resolve_resume()
+        self.initialize()
+        self._best = self._current()
+        if resume is not None:
+            self.load_checkpoint(resume)
+        self._before_loop()
+        if self.is_main_process:
+            cfg.save(Path(cfg.output_dir) / self.config_file)
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=self.progress_name,
+                   disable=not self.is_main_process)  # fmt: skip
+        stop = False
+        if self.validation_fn is not None and cfg.eval_on_start and self.state.step == 0:
+            stop = self._evaluate(0)
+        while self.state.step < cfg.max_steps and not stop:
+            logs, timings = self.training_step(self._generator)
+            self.state.step += 1
+            self.state.distill_seconds += timings.total
+            self.timings.append(timings)
+            bar.update(1)
+            step = self.state.step
+            if cfg.logging_steps and step % cfg.logging_steps == 0:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                self._log(logs, step)
+            if self.validation_fn is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                stop = self._evaluate(step)
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                self.save_checkpoint(self._generator)
+        bar.close()
+        if self.validation_fn is None:
+            self._best = self._current()
+        self.save_checkpoint(self._generator)
+        self._after_loop()
+        return self.synthetic_set(*self._best)
+
+    def _evaluate(self, step: int) -> bool:
+        """Validation hook + early stopping; returns True when training should stop."""
+        current = self._current()
+        metrics = self.validation_fn(self.synthetic_set(*current), step)
+        score = float(metrics["mean"])
+        self.state.history.append(
+            {
+                "step": step,
+                "distill_seconds": self.state.distill_seconds,
+                **{k: float(v) for k, v in metrics.items()},
+            }
+        )
+        self._log({f"eval/{k}": float(v) for k, v in metrics.items()}, step)
+        if self.state.best_score is None or score > self.state.best_score:
+            self.state.best_score, self.state.best_step = score, step
+            self.state.evals_without_improvement = 0
+            self._best = current
+        else:
+            self.state.evals_without_improvement += 1
+        patience = self.config.early_stopping_patience
+        return patience is not None and self.state.evals_without_improvement >= patience
+
+    # ================================================================== output
+    @torch.no_grad()
+    def synthetic_set(self, pixels: torch.Tensor, text: torch.Tensor, num_captions: int = 3):
+        """Wrap tensors as a :class:`~mdm_hf.synthetic.SyntheticSet` with nearest real captions and provenance."""
+        from .synthetic import SyntheticSet
+
+        sims = F.normalize(text.float(), dim=-1) @ F.normalize(self.text_features.float(), dim=-1).T
+        nearest = sims.topk(min(num_captions, sims.shape[1]), dim=1).indices
+        data = self.train_data
+        return SyntheticSet(  # copies: a hook or caller may modify the set without touching the optimised tensors
+            pixel_values=pixels.detach().float().cpu().clone(),
+            text_features=text.detach().float().cpu().clone(),
+            image_mean=self.teacher.image_mean,
+            image_std=self.teacher.image_std,
+            captions=[[data.captions[j] for j in row.tolist()] for row in nearest],
+            source_indices=self.source_indices.tolist(),
+            source_image_indices=data.caption_to_image[self.source_indices].tolist(),
+            provenance=self.provenance(),
+        )
+
+    def _common_provenance(self, method: str) -> dict:
+        """The provenance keys every method shares: teacher, data, selection, steps, config, library versions."""
+        import datasets
+        import transformers
+
+        from . import __version__
+
+        cfg = self.config
+        return {
+            "method": method,
+            "teacher": cfg.model_name_or_path,
+            "teacher_revision": cfg.model_revision,
+            "teacher_family": self.teacher.family,
+            "text_encoder": cfg.model_name_or_path,
+            "text_pooling": self.teacher.text_pooling,
+            "source_dataset": self.train_data.name,
+            "source_dataset_revision": cfg.dataset_revision,
+            "source_split": self.train_data.split,
+            "source_fingerprint": self.train_data.fingerprint,
+            "license": self.train_data.license,
+            "selection": cfg.init,
+            "best_step": self.state.best_step,
+            "steps": self.state.step,
+            "config": cfg.to_dict(),
+            "versions": {
+                "mdm_hf": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "datasets": datasets.__version__,
+            },
+        }
+
+    # ================================================================== checkpoints
+    def _prepare_output_dir(self) -> None:
+        cfg = self.config
+        prepare_output_dir(cfg.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
+        self._wait_for_everyone()  # every rank has checked before any rank writes
+
+    def _resolve_resume(self) -> Path | None:
+        return resolve_resume(
+            self.config.resume_from_checkpoint, self.config.output_dir, "synthetic.safetensors"
+        )
+
+    def save_checkpoint(self, generator: torch.Generator) -> Path:
+        """Write ``checkpoint-<step>/``: tensors, best tensors, extras, optimiser and RNG state (safetensors) + JSON."""
+        cfg = self.config
+        path = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.step}"
+        if self.is_main_process:
+            synthetic = {
+                "pixel_values": self.syn_pixels,
+                "text_features": self.syn_text,
+                "best_pixel_values": self._best[0],
+                "best_text_features": self._best[1],
+                "source_indices": self.source_indices,
+                "rng_state": generator.get_state(),
+                **self._checkpoint_extras(),
+            }
+            opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
+            state = {**self.state.__dict__, "optimizer": opt_meta, "config": cfg.to_dict()}
+            files = {"synthetic.safetensors": synthetic, "optimizer.safetensors": opt_tensors}
+            write_checkpoint(path, files, state, keep=cfg.save_total_limit)
+        self._wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore tensors, extras, optimiser, RNG and loop state from ``path`` (call after :meth:`initialize`)."""
+        tensors, state, opt = read_checkpoint(path, self.syn_pixels.shape, self.syn_text.shape)
+        with torch.no_grad():
+            self.syn_pixels.copy_(tensors["pixel_values"])
+            self.syn_text.copy_(tensors["text_features"])
+            self._restore_extras(tensors)
+        self.source_indices = tensors["source_indices"].long()
+        self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
+        self._generator.set_state(tensors["rng_state"])
+        self.optimizer.load_state_dict(opt)
+        state.pop("config", None)
+        self.state = DistillState(**state)
+        logger.info("Resumed from %s at step %d", path, self.state.step)
