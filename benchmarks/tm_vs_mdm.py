@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip_quality", action="store_true", help="cost and storage only")
     parser.add_argument("--skip_cost", action="store_true", help="quality only (a variant of a finished run)")
-    parser.add_argument("--methods", nargs="+", default=["mdm", "tm"], choices=["mdm", "tm"],
-                        help="distillers to run (a variant: --methods tm --tm_override ...)")  # fmt: skip
+    parser.add_argument("--methods", nargs="*", default=["mdm", "tm"], choices=["mdm", "tm"],
+                        help="distillers to run (a variant: --methods tm --tm_override ...; none: coresets only)")  # fmt: skip
     parser.add_argument("--coresets", nargs="*", default=["random", "kcenter"],
                         help="coreset baselines scored with the same students (none: --coresets)")  # fmt: skip
     parser.add_argument(
