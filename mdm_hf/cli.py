@@ -6,6 +6,7 @@ Subcommands wrap the library (and the thin scripts in ``recipes/``):
     mdm-hf experts  --config recipes/configs/experts_tiny.yaml [--field value ...]
     mdm-hf evaluate --synthetic out/ --model_name_or_path ... --dataset_name ...
     mdm-hf data emojicaps --output_dir emojicaps/
+    mdm-hf tm-buffer / mdm-hf tm   (the trajectory-matching baseline)
     mdm-hf demo [--quick]
 """
 
@@ -104,6 +105,12 @@ def _tm(argv: Sequence[str]) -> int:
     return tm_main(argv)
 
 
+def _tm_buffer(argv: Sequence[str]) -> int:
+    from .baselines.trajectory_matching import buffer_main
+
+    return buffer_main(argv)
+
+
 def _demo(argv: Sequence[str]) -> int:
     from .demo import demo_main
 
@@ -117,6 +124,7 @@ COMMANDS = {
     "evaluate": (_evaluate, "Train students on a synthetic set or coresets; validation-selected, test once."),
     "data": (_data, "Build a dataset offline (emojicaps)."),
     "tm": (_tm, "Baseline: distill with trajectory matching (MTT-VL / LoRS style) for comparisons."),
+    "tm-buffer": (_tm_buffer, "Baseline: record the SGD expert trajectories that `mdm-hf tm` matches."),
     "demo": (_demo, "The whole pipeline offline on EmojiCaps: anchor, experts, MDM, students, card."),
 }
 

@@ -500,3 +500,28 @@ def test_benchmark_ratios_and_partial_results_render():
                                   "prepare": {"storage": storage, "seconds": {}}})  # fmt: skip
     assert "| 100 | 4.000 | 1.000 | 4.00 | 0.250 | 16.00 |" in text
     assert "| 200 |" not in text.split("## Time to quality")[0]
+
+
+def test_command_line_records_a_buffer_and_distils_from_it(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    """`mdm-hf tm-buffer` then `mdm-hf tm`, as a user runs the baseline; the set opens with load_dataset."""
+    import datasets
+
+    from mdm_hf.cli import main
+    from mdm_hf.experts import read_manifest
+
+    common = ["--model_name_or_path", tiny_clip_dir, "--dataset_name", tiny_dataset_dir,
+              "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    buffer = tmp_path / "buffer"
+    assert main(["tm-buffer", *common, "--num_experts", "1", "--num_epochs", "2", "--batch_size", "8",
+                 "--max_validation_images", "8", "--output_dir", str(buffer)]) == 0  # fmt: skip
+    manifest = read_manifest(buffer)
+    assert manifest["training"]["optimizer"] == "sgd" and len(manifest["experts"][0]["epochs"]) == 2
+    assert "validation" in manifest["experts"][0]["epochs"][0]
+    with pytest.raises(FileExistsError, match="not empty"):  # never overwritten silently
+        main(["tm-buffer", *common, "--output_dir", str(buffer)])
+    out = tmp_path / "tm-run"
+    assert main(["tm", *common, "--trajectory_buffer", str(buffer), "--num_pairs", "6", "--syn_steps", "2",
+                 "--mini_batch_size", "4", "--max_start_epoch", "1", "--max_steps", "2", "--eval_steps", "0",
+                 "--lr_pixels", "1.0", "--lr_text", "1.0", "--device", "cpu", "--output_dir", str(out)]) == 0  # fmt: skip
+    rows = datasets.load_dataset(str(out / "synthetic"), cache_dir=str(tmp_path / "ds-cache"))["train"]
+    assert rows.num_rows == 6 and "pixel_values" in rows.column_names

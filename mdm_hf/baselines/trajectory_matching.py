@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DistillRunArguments, check_values
+from ..config import DatasetArguments, DistillRunArguments, check_values
 from ..config import config_field as _f
 from ..distill_loop import SyntheticSetDistiller, ValidationFn
 from ..models import DualEncoder
@@ -68,6 +68,8 @@ __all__ = [
     "sgd_unroll",
     "unrolled_matching_gradients",
     "record_trajectory_buffer",
+    "TrajectoryBufferConfig",
+    "buffer_main",
     "branch_of",
     "tm_main",
 ]
@@ -952,6 +954,61 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
 
 
 # ============================================================================================== CLI
+@dataclass
+class TrajectoryBufferConfig(DatasetArguments):
+    """``mdm-hf tm-buffer``: record the SGD expert trajectories trajectory matching needs (LoRS' ``buffer.py``).
+    Field help doubles as ``--help``."""
+
+    model_name_or_path: str = _f("openai/clip-vit-base-patch32", "Hub id or local dir of the anchor.")
+    model_revision: str | None = _f(None, "Revision of the anchor on the Hub.")
+    text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub.")
+    validation_split: str | None = _f(
+        "validation", "Split for the per-epoch recall in the manifest (None: skip)."
+    )
+    max_validation_images: int | None = _f(1000, "Score recall on at most N validation images.")
+    num_experts: int = _f(2, "Expert trajectories (LoRS: 20 on Flickr30k).")
+    num_epochs: int = _f(3, "Epochs per trajectory, a snapshot after each (LoRS: 10).")
+    learning_rate: float = _f(0.1, "Constant SGD learning rate (LoRS: 0.1).")
+    momentum: float = _f(0.0, "SGD momentum (LoRS: 0).")
+    weight_decay: float = _f(0.0, "SGD weight decay.")
+    batch_size: int = _f(128, "Images per SGD step (one caption each).")
+    seed: int = _f(0, "Seed of expert 0; expert i uses seed + i.")
+    output_dir: str = _f("trajectory_buffer", "Directory of the buffer (a full expert bank).")
+    overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.validation_split, str) and self.validation_split.lower() in ("", "none", "null"):
+            self.validation_split = None  # the CLI passes strings
+        check_values(self, {"num_experts": self.num_experts >= 1, "num_epochs": self.num_epochs >= 1,
+                            "learning_rate": self.learning_rate > 0, "batch_size": self.batch_size >= 1})  # fmt: skip
+
+
+def buffer_main(argv: Sequence[str] | None = None) -> int:
+    """``mdm-hf tm-buffer --model_name_or_path ... --dataset_name ... --output_dir buffer/``."""
+    from ..cli import parse_dataclass_args
+    from ..data import cached_text_features, preprocess_split_images
+
+    config = parse_dataclass_args(TrajectoryBufferConfig, argv, prog="mdm-hf tm-buffer")
+    anchor = DualEncoder.from_pretrained(
+        config.model_name_or_path, config.model_revision, config.text_pooling, config.trust_remote_code
+    )
+    validation = None
+    if config.validation_split:
+        val = config.load_split(config.validation_split, config.max_validation_images)
+        validation = (preprocess_split_images(anchor, val), cached_text_features(anchor, val, config.cache_dir),
+                      val.caption_to_image)  # fmt: skip
+    out = record_trajectory_buffer(
+        anchor, config.load_split(), config.output_dir, num_experts=config.num_experts,
+        num_epochs=config.num_epochs, learning_rate=config.learning_rate, momentum=config.momentum,
+        weight_decay=config.weight_decay, batch_size=config.batch_size, seed=config.seed,
+        cache_dir=config.cache_dir, validation=validation, overwrite=config.overwrite_output_dir,
+    )  # fmt: skip
+    print(f"Trajectory buffer ({config.num_experts} experts x {config.num_epochs} epochs) written to {out}; "
+          f"use it with `mdm-hf tm --trajectory_buffer {out}`.")  # fmt: skip
+    return 0
+
+
 def tm_main(argv: Sequence[str] | None = None) -> int:
     """``mdm-hf tm --config file.yaml [--field value ...]``: distil with trajectory matching, save the set."""
     from ..cli import parse_dataclass_args
