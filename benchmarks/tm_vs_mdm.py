@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip_quality", action="store_true", help="cost and storage only")
     parser.add_argument("--skip_cost", action="store_true", help="quality only (a variant of a finished run)")
+    parser.add_argument("--replot", metavar="RESULTS_JSON", default=None,
+                        help="only redraw the plot and table of a recorded run (e.g. benchmarks/results/tm_vs_mdm.json)")  # fmt: skip
     parser.add_argument("--methods", nargs="*", default=["mdm", "tm"], choices=["mdm", "tm"],
                         help="distillers to run (a variant: --methods tm --tm_override ...; none: coresets only)")  # fmt: skip
     parser.add_argument("--coresets", nargs="*", default=["random", "kcenter"],
@@ -433,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.tag = f"-{args.tag}" if args.tag else ""
+    if args.replot:
+        recorded = Path(args.replot)
+        results = json.loads(recorded.read_text())
+        recorded.with_suffix(".md").write_text(render_markdown(results))
+        plot_time_to_quality(results, recorded.with_suffix(".png"))
+        return 0
 
     from mdm_hf.demo import DemoConfig
 
@@ -544,6 +552,38 @@ def _write(args, results: dict, quick: bool, argv, started: float) -> None:
     name = ("tm_vs_mdm_quick" if quick else "tm_vs_mdm") + args.tag
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
     (RESULTS / f"{name}.md").write_text(render_markdown(results))
+    plot_time_to_quality(results, RESULTS / f"{name}.png")
+
+
+def plot_time_to_quality(r: dict, path: Path) -> bool:
+    """Validation mean recall against distillation seconds, MDM and TM, one panel per budget; False if no data."""
+    budgets = [(k, e) for k, e in r["budgets"].items() if e.get("quality_mdm") or e.get("quality_tm")]
+    if not budgets:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4), squeeze=False)
+    for ax, (k, e) in zip(axes[0], budgets, strict=True):
+        for method, label, style in (("mdm", "MDM", "o-"), ("tm", "TM (LoRS)", "s--")):
+            records = e.get(f"quality_{method}", {}).get("validation", [])
+            if records:
+                ax.plot(
+                    [x["seconds"] for x in records], [x["mean"] for x in records], style, label=label, ms=4
+                )
+        ax.set_xscale("log")
+        # minor tick labels overlap on short ranges
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set(title=f"K = {k}", xlabel="distillation seconds (log; validation excluded)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation mean recall (%)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _fmt(value, spec: str = ".2f", none: str = "–") -> str:
