@@ -472,7 +472,7 @@ def test_benchmark_time_to_95_percent_and_lors_presets():
     TrajectoryMatchingConfig(**{k: v for k, v in stable.items() if k != "preset_budget"})  # valid fields
 
 
-def test_benchmark_ratios_and_partial_results_render():
+def test_benchmark_ratios_and_partial_results_render(tmp_path):
     bench = _benchmark_module()
     cost = {
         "tm": {"seconds_per_iteration": 4.0, "autograd_saved_peak_mb": 220.0, "loop_rss_above_setup_mb": 400.0,
@@ -500,6 +500,10 @@ def test_benchmark_ratios_and_partial_results_render():
                                   "prepare": {"storage": storage, "seconds": {}}})  # fmt: skip
     assert "| 100 | 4.000 | 1.000 | 4.00 | 0.250 | 16.00 |" in text
     assert "| 200 |" not in text.split("## Time to quality")[0]
+    done["quality_mdm"]["validation"] = [{"step": 25, "seconds": 30.0, "mean": 13.5}]
+    assert bench.plot_time_to_quality({"budgets": {"100": done, "200": pending}}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert not bench.plot_time_to_quality({"budgets": {"200": pending}}, tmp_path / "none.png")
 
 
 def test_command_line_records_a_buffer_and_distils_from_it(tiny_clip_dir, tiny_dataset_dir, tmp_path):
