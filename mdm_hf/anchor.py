@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DatasetArguments
+from .config import DatasetArguments, optional_split
 from .config import config_field as _f
 from .models import DualEncoder
 
@@ -292,8 +292,7 @@ class AnchorPretrainingConfig(DatasetArguments):
     overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
 
     def __post_init__(self) -> None:
-        if isinstance(self.validation_split, str) and self.validation_split.lower() in ("", "none", "null"):
-            self.validation_split = None  # the CLI passes strings
+        self.validation_split = optional_split(self.validation_split)
         if not self.dataset_name:
             raise ValueError(
                 "AnchorPretrainingConfig.dataset_name is required (a Hub id or a local dataset dir)."

@@ -53,6 +53,11 @@ class DatasetArguments:
         )  # fmt: skip
 
 
+def optional_split(value: str | None) -> str | None:
+    """``None`` for the strings a command line uses to mean "no split" (``none``, ``null``, empty)."""
+    return None if isinstance(value, str) and value.lower() in ("", "none", "null") else value
+
+
 def check_values(config, checks: dict[str, bool], choices: dict[str, Sequence] | None = None) -> None:
     """Raise one ``ValueError`` naming every field that fails ``checks`` (name -> ok) or is not in its ``choices``."""
     name = type(config).__name__

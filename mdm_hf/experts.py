@@ -44,7 +44,7 @@ from .anchor import (
     prepare_output_dir,
     run_contrastive_training,
 )
-from .config import DatasetArguments, check_values
+from .config import DatasetArguments, check_values, optional_split
 from .config import config_field as _f
 from .models import DualEncoder, OfflineHubError, is_hub_offline
 
@@ -132,8 +132,7 @@ class ExpertTrainingConfig(DatasetArguments):
     hub_private: bool | None = _f(None, "Create the Hub repo as private.")
 
     def __post_init__(self) -> None:
-        if isinstance(self.validation_split, str) and self.validation_split.lower() in ("", "none", "null"):
-            self.validation_split = None  # the CLI passes strings
+        self.validation_split = optional_split(self.validation_split)
         checks = {
             "num_experts": self.num_experts >= 1,
             "num_epochs": self.num_epochs >= 1,

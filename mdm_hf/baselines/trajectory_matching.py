@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DatasetArguments, DistillRunArguments, check_values
+from ..config import DatasetArguments, DistillRunArguments, check_values, optional_split
 from ..config import config_field as _f
 from ..distill_loop import SyntheticSetDistiller, ValidationFn
 from ..models import DualEncoder
@@ -978,8 +978,7 @@ class TrajectoryBufferConfig(DatasetArguments):
     overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
 
     def __post_init__(self) -> None:
-        if isinstance(self.validation_split, str) and self.validation_split.lower() in ("", "none", "null"):
-            self.validation_split = None  # the CLI passes strings
+        self.validation_split = optional_split(self.validation_split)
         check_values(self, {"num_experts": self.num_experts >= 1, "num_epochs": self.num_epochs >= 1,
                             "learning_rate": self.learning_rate > 0, "batch_size": self.batch_size >= 1})  # fmt: skip
 
