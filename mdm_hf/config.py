@@ -123,7 +123,8 @@ class MDMConfig(DistillRunArguments):
     """Everything that defines an MDM run. Field help doubles as ``--help`` text of ``recipes/distill.py``.
 
     Defaults follow the paper's reference run (MDM.md §4) where it states one; ``lr_pixels``/``lr_text`` use the
-    reference's library default (100; its run script uses 1000).
+    reference's library default (100; its run script uses 1000). The dataset fields come from
+    :class:`DatasetArguments`, the budget, loop, validation and checkpoint fields from :class:`DistillRunArguments`.
     """
 
     # ---- teacher
