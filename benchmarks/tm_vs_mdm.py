@@ -320,8 +320,8 @@ def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
     preset["mini_batch_size"] = min(preset["mini_batch_size"], k)
     tm = dict(common, trajectory_buffer=paths["buffer"], unroll=args.tm_unroll, max_steps=args.tm_steps,
               eval_steps=args.eval_steps, output_dir=str(work / f"tm-{k}{args.tag}"), **preset)  # fmt: skip
-    for key, value in (args.tm_override or {}).items():
-        tm[key] = value
+    tm.update(args.tm_override or {})
+    mdm.update(args.mdm_override or {})
     return {"mdm": mdm, "tm": tm, "lors_preset_budget": budget}
 
 
@@ -414,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tm_unroll", default="tesla", choices=["tesla", "full"])
     parser.add_argument("--tm_override", type=json.loads, default=None,
                         help='JSON of TrajectoryMatchingConfig values that replace the LoRS preset, e.g. \'{"lr_sim": 1}\'')  # fmt: skip
+    parser.add_argument("--mdm_override", type=json.loads, default=None,
+                        help='JSON of MDMConfig values for a variant, e.g. \'{"lr_pixels": 10}\'')  # fmt: skip
     parser.add_argument("--tm_faithful", action="store_true", help="LoRS' preset without TM_STABILITY")
     parser.add_argument(
         "--no_full", action="store_true", help="skip the full-train-set student (the ceiling)"
