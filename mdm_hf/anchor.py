@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DatasetArguments, optional_split
+from .config import DatasetArguments, optional_split, parse_dataclass_args
 from .config import config_field as _f
+from .data import load_split
 from .models import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -416,7 +417,7 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
     encoder.freeze_text_tower()
     if not config.train_logit_scale:
         encoder.model.logit_scale.requires_grad_(False)
-    train = config.load_split()
+    train = load_split(config)
     with acc.main_process_first():
         train_features = cached_text_features(encoder, train, config.cache_dir)
     pixels = preprocess_split_images(encoder, train) if train.num_images <= config.max_cached_images else None
@@ -435,7 +436,7 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
     initial = fixed_batch_loss(encoder, *probe, batch)
     validation_data, history = None, []
     if config.validation_split:
-        val = config.load_split(config.validation_split, config.max_validation_images)
+        val = load_split(config, config.validation_split, config.max_validation_images)
         with acc.main_process_first():
             val_features = cached_text_features(encoder, val, config.cache_dir)
         validation_data = (preprocess_split_images(encoder, val), val_features, val.caption_to_image)
@@ -475,7 +476,6 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
 
 def anchor_main(argv: Sequence[str] | None = None) -> int:
     """``mdm-hf anchor --config file.yaml [--field value ...]``: pre-train an anchor dual encoder."""
-    from .cli import parse_dataclass_args
 
     config = parse_dataclass_args(AnchorPretrainingConfig, argv, prog="mdm-hf anchor")
     result = pretrain_anchor(config)

@@ -13,40 +13,11 @@ Subcommands wrap the library (and the thin scripts in ``recipes/``):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TypeVar
 
-T = TypeVar("T")
-
-
-def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
-    """``--config file.yaml`` plus ``--field value`` overrides -> a dataclass instance (overrides win).
-
-    Uses ``transformers.HfArgumentParser`` so every field's ``metadata["help"]`` becomes ``--help`` text.
-    """
-    import yaml
-    from transformers import HfArgumentParser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(cls, prog=prog)
-    parser.add_argument(
-        "--config", default=None, help="YAML file with field: value pairs (CLI flags override)."
-    )
-    if known.config:
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise SystemExit(f"{known.config}: unknown keys {unknown}. Valid keys: {sorted(fields)}")
-        parser.set_defaults(**values)
-    config = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[0]
-    return config
+from .config import parse_dataclass_args
 
 
 def _distill(argv: Sequence[str]) -> int:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 def config_field(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
@@ -20,11 +23,58 @@ def config_field(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentPa
 _f = config_field
 
 
+def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
+    """The one YAML reader for configs: a flat ``field: value`` mapping, checked against ``cls``'s fields."""
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} for {cls.__name__}. Valid keys: {sorted(known)}")
+    return values
+
+
+def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    """``--config file.yaml`` plus ``--field value`` overrides -> a dataclass instance (overrides win).
+
+    Uses ``transformers.HfArgumentParser`` so every field's ``metadata["help"]`` becomes ``--help`` text.
+    """
+    from transformers import HfArgumentParser  # heavy: only when a command line is parsed
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(cls, prog=prog)
+    parser.add_argument(
+        "--config", default=None, help="YAML file with field: value pairs (CLI flags override)."
+    )
+    if known.config:
+        try:
+            parser.set_defaults(**load_yaml_config(known.config, cls))
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+    return parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[0]
+
+
+@dataclass
+class ModelArguments:
+    """The dual encoder a run loads (anchor, teacher): the four fields every model-loading config shares."""
+
+    model_name_or_path: str = _f(
+        "openai/clip-vit-base-patch32",
+        "Hub id or local dir of the anchor dual encoder (CLIP / SigLIP / VisionTextDualEncoder).",
+    )
+    model_revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
+    text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub (off by default).")
+
+
 @dataclass
 class DatasetArguments:
     """Where the image-caption pairs come from: the fields every run shares (distillation, experts, anchor,
-    students, trajectory matching), and :meth:`load_split`, the one place they reach
-    :func:`~mdm_hf.data.load_image_caption_dataset`."""
+    students, trajectory matching); :func:`mdm_hf.data.load_split` turns them into a split."""
 
     dataset_name: str = _f("nlphuji/flickr30k", "Hub id or local dir of the image-caption dataset.")
     dataset_revision: str | None = _f(None, "Revision of the dataset on the Hub.")
@@ -38,19 +88,6 @@ class DatasetArguments:
     max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
     max_cached_images: int = _f(20000, "Preprocess all images of a split once when it has at most this many.")
     cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
-
-    def load_split(self, split: str | None = None, max_images: int | None = None):
-        """One split (default ``train_split``, capped at ``max_train_images``) as an
-        :class:`~mdm_hf.data.ImageCaptionSplit`."""
-        from .data import load_image_caption_dataset
-
-        if split is None:
-            split, max_images = self.train_split, self.max_train_images
-        return load_image_caption_dataset(
-            self.dataset_name, split, revision=self.dataset_revision, image_column=self.image_column,
-            caption_column=self.caption_column, split_column=self.split_column, image_root=self.image_root,
-            max_images=max_images,
-        )  # fmt: skip
 
 
 def optional_split(value: str | None) -> str | None:
@@ -109,17 +146,14 @@ class DistillRunArguments(DatasetArguments):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any):
         """Load a YAML file (flat mapping of field -> value); keyword overrides win."""
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        values.update(overrides)
-        return cls.from_dict(values)
+        return cls.from_dict({**load_yaml_config(path, cls), **overrides})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
 
 @dataclass
-class MDMConfig(DistillRunArguments):
+class MDMConfig(ModelArguments, DistillRunArguments):
     """Everything that defines an MDM run. Field help doubles as ``--help`` text of ``recipes/distill.py``.
 
     Defaults follow the paper's reference run (MDM.md §4) where it states one; ``lr_pixels``/``lr_text`` use the
@@ -127,14 +161,7 @@ class MDMConfig(DistillRunArguments):
     :class:`DatasetArguments`, the budget, loop, validation and checkpoint fields from :class:`DistillRunArguments`.
     """
 
-    # ---- teacher
-    model_name_or_path: str = _f(
-        "openai/clip-vit-base-patch32",
-        "Hub id or local dir of the anchor dual encoder (CLIP / SigLIP / VTDE).",
-    )
-    model_revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
-    text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
-    trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub (off by default).")
+    # ---- teacher (the anchor: ModelArguments)
     expert_bank: str | None = _f(
         None, "Hub id or dir of the expert bank; None: the anchor alone is the teacher."
     )

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .config import DatasetArguments
+
 logger = logging.getLogger(__name__)
 
 CAPTION_COLUMNS = ("caption", "captions", "sentences", "text", "texts", "raw", "alt_text")
@@ -298,6 +300,20 @@ def load_image_caption_dataset(
         license=info_license,
         image_root=image_root,
     )
+
+
+def load_split(
+    args: DatasetArguments, split: str | None = None, max_images: int | None = None
+) -> ImageCaptionSplit:
+    """One split of the dataset that ``args`` names (default: its ``train_split``, capped at
+    ``max_train_images``): the one place a config's dataset fields reach :func:`load_image_caption_dataset`."""
+    if split is None:
+        split, max_images = args.train_split, args.max_train_images
+    return load_image_caption_dataset(
+        args.dataset_name, split, revision=args.dataset_revision, image_column=args.image_column,
+        caption_column=args.caption_column, split_column=args.split_column, image_root=args.image_root,
+        max_images=max_images,
+    )  # fmt: skip
 
 
 def _model_key(encoder) -> dict:

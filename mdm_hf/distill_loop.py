@@ -31,6 +31,7 @@ from .checkpointing import (
     resolve_resume,
     write_checkpoint,
 )
+from .data import load_split
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class SyntheticSetDistiller:
         self.teacher.to(device).eval()
         self.teacher.requires_grad_(False)  # only the synthetic tensors are optimised
         if self.train_data is None:
-            self.train_data = cfg.load_split()
+            self.train_data = load_split(cfg)
         data = self.train_data
         if cfg.num_pairs > data.num_captions:
             raise ValueError(

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .config import DatasetArguments, check_values
+from .config import DatasetArguments, check_values, parse_dataclass_args
 from .config import config_field as _f
+from .data import load_split
 from .retrieval import retrieval_metric_path, retrieval_metrics
 from .students import (
     FrozenTextEncoder,
@@ -530,7 +531,7 @@ class StudentEvaluator:
 
     # ------------------------------------------------------------------ data
     def _load(self, split: str, max_images: int | None):
-        return self.config.load_split(split, max_images)
+        return load_split(self.config, split, max_images)
 
     def _text_features(self, data) -> torch.Tensor:
         from .data import cached_text_features
@@ -986,7 +987,6 @@ def student_validation_fn(
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``mdm-hf evaluate`` / ``recipes/evaluate_student.py``: one method, or ``--methods ...`` compared."""
-    from .cli import parse_dataclass_args
 
     config = parse_dataclass_args(StudentConfig, argv, prog="mdm-hf evaluate")
     if config.methods:

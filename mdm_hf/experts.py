@@ -44,8 +44,9 @@ from .anchor import (
     prepare_output_dir,
     run_contrastive_training,
 )
-from .config import DatasetArguments, check_values, optional_split
+from .config import DatasetArguments, check_values, optional_split, parse_dataclass_args
 from .config import config_field as _f
+from .data import load_split
 from .models import DualEncoder, OfflineHubError, is_hub_offline
 
 logger = logging.getLogger(__name__)
@@ -412,7 +413,7 @@ def train_expert_bank(
             config.model_name_or_path, config.revision, config.text_pooling, config.trust_remote_code
         )
     anchor.requires_grad_(False)
-    train = config.load_split()
+    train = load_split(config)
     with acc.main_process_first():  # rank 0 fills the text-feature cache, the others read it
         train_features = cached_text_features(anchor, train, config.cache_dir)
     train_pixels = (
@@ -420,7 +421,7 @@ def train_expert_bank(
     )
     validation = None
     if config.validation_split:
-        val = config.load_split(config.validation_split, config.max_validation_images)
+        val = load_split(config, config.validation_split, config.max_validation_images)
         with acc.main_process_first():
             val_features = cached_text_features(anchor, val, config.cache_dir)
         validation = (preprocess_split_images(anchor, val), val_features, val.caption_to_image)
@@ -791,7 +792,6 @@ def load_expert_bank(
 # ============================================================================================== CLI
 def experts_main(argv: Sequence[str] | None = None) -> int:
     """``mdm-hf experts --config file.yaml [--field value ...]``: train a bank, optionally push it."""
-    from .cli import parse_dataclass_args
 
     config = parse_dataclass_args(ExpertTrainingConfig, argv, prog="mdm-hf experts")
     bank = train_expert_bank(config)

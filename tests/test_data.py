@@ -21,6 +21,7 @@ from mdm_hf.data import (
     PairDataset,
     cached_text_features,
     load_image_caption_dataset,
+    load_split,
     preprocess_split_images,
 )
 from mdm_hf.models import DualEncoder
@@ -415,7 +416,7 @@ def test_karpathy_records_with_image_paths_resolve_against_image_root(tmp_path):
     assert (split.num_images, split.num_captions) == (4, 8)  # train + restval rows
     expected = recs[4]["image"].convert("RGB")  # rows 0, 1, 4, 5 are train/restval: split image 2 is row 4
     assert list(split.image(2).getdata()) == list(expected.getdata())
-    # every run's config reaches the same split through DatasetArguments.load_split, image_root included
+    # every run's config reaches the same split through data.load_split, image_root included
     # (expert and anchor configs had no image_root before the shared fields)
     from mdm_hf.anchor import AnchorPretrainingConfig
     from mdm_hf.baselines.trajectory_matching import TrajectoryMatchingConfig
@@ -434,6 +435,6 @@ def test_karpathy_records_with_image_paths_resolve_against_image_root(tmp_path):
         config = cls(
             dataset_name=str(tmp_path / "repo"), train_split="train", image_root=str(root), max_train_images=3
         )
-        got = config.load_split()
+        got = load_split(config)
         assert (got.num_images, got.captions) == (3, split.captions[:6]), cls.__name__
-        assert config.load_split("test").num_images == 1
+        assert load_split(config, "test").num_images == 1

@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DatasetArguments, DistillRunArguments, check_values, optional_split
+from ..config import DatasetArguments, DistillRunArguments, check_values, optional_split, parse_dataclass_args
 from ..config import config_field as _f
+from ..data import load_split
 from ..distill_loop import SyntheticSetDistiller, ValidationFn
 from ..models import DualEncoder
 
@@ -985,7 +986,6 @@ class TrajectoryBufferConfig(DatasetArguments):
 
 def buffer_main(argv: Sequence[str] | None = None) -> int:
     """``mdm-hf tm-buffer --model_name_or_path ... --dataset_name ... --output_dir buffer/``."""
-    from ..cli import parse_dataclass_args
     from ..data import cached_text_features, preprocess_split_images
 
     config = parse_dataclass_args(TrajectoryBufferConfig, argv, prog="mdm-hf tm-buffer")
@@ -994,11 +994,11 @@ def buffer_main(argv: Sequence[str] | None = None) -> int:
     )
     validation = None
     if config.validation_split:
-        val = config.load_split(config.validation_split, config.max_validation_images)
+        val = load_split(config, config.validation_split, config.max_validation_images)
         validation = (preprocess_split_images(anchor, val), cached_text_features(anchor, val, config.cache_dir),
                       val.caption_to_image)  # fmt: skip
     out = record_trajectory_buffer(
-        anchor, config.load_split(), config.output_dir, num_experts=config.num_experts,
+        anchor, load_split(config), config.output_dir, num_experts=config.num_experts,
         num_epochs=config.num_epochs, learning_rate=config.learning_rate, momentum=config.momentum,
         weight_decay=config.weight_decay, batch_size=config.batch_size, seed=config.seed,
         cache_dir=config.cache_dir, validation=validation, overwrite=config.overwrite_output_dir,
@@ -1010,7 +1010,6 @@ def buffer_main(argv: Sequence[str] | None = None) -> int:
 
 def tm_main(argv: Sequence[str] | None = None) -> int:
     """``mdm-hf tm --config file.yaml [--field value ...]``: distil with trajectory matching, save the set."""
-    from ..cli import parse_dataclass_args
 
     config = parse_dataclass_args(TrajectoryMatchingConfig, argv, prog="mdm-hf tm")
     synthetic = TrajectoryMatchingDistiller(config).distill()
