@@ -118,31 +118,24 @@ def make_distiller(teacher, bank, num_pairs: int, num_real: int, mode: str, pool
     """An MDMDistiller on N random cached real pairs (2 captions per image), initialised from random pairs."""
     from mdm_hf.config import MDMConfig
     from mdm_hf.distill import MDMDistiller
-    from mdm_hf.losses import MDMLoss
 
     cfg = MDMConfig(
         model_name_or_path="bench", dataset_name="bench", num_pairs=num_pairs, real_batch_size=256,
         syn_batch_size=64, teacher_mode=mode, teacher_pool_size=pool, init="random", output_dir=str(tmp),
-        eval_steps=0, save_steps=0, lr_pixels=100.0, lr_text=100.0,
+        eval_steps=0, save_steps=0, lr_pixels=100.0, lr_text=100.0, contrastive="clip",
     )  # fmt: skip
     num_images = num_real // 2
     gen = torch.Generator().manual_seed(1)
     split = StubSplit(torch.arange(num_images).repeat_interleave(2), [""] * num_real)
-    d = MDMDistiller(cfg, teacher=teacher, expert_bank=bank, train_data=split)
-    d.teacher.requires_grad_(False)
-    d.text_features = torch.randn(num_real, teacher.text_feature_dim, generator=gen)
     s = teacher.image_size
-    d.pixel_cache = torch.randn(num_images, 3, s, s, generator=gen)
-    d.loss_fn = MDMLoss(contrastive="clip")
-    d._set_up = True
-    chosen = torch.randperm(num_real, generator=gen)[:num_pairs]
-    d.source_indices = chosen
-    d.syn_pixels = d.real_pixels(chosen).clone().requires_grad_(True)
-    d.syn_text = d.text_features[chosen].clone().requires_grad_(True)
-    d._build_optimizer()
-    d._generator = torch.Generator().manual_seed(1)
+    d = MDMDistiller(
+        cfg, teacher=teacher, expert_bank=bank, train_data=split,
+        text_features=torch.randn(num_real, teacher.text_feature_dim, generator=gen),
+        pixel_cache=torch.randn(num_images, 3, s, s, generator=gen),
+    )  # fmt: skip
+    d.initialize(indices=torch.randperm(num_real, generator=gen)[:num_pairs])
     if mode == "pooled":
-        d._build_pool()
+        d.build_teacher_pool()
     return d
 
 

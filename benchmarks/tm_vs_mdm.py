@@ -164,7 +164,7 @@ def cost_job(spec: dict) -> dict:
     d.setup()
     d.initialize()
     if spec["method"] == "mdm" and d.config.teacher_mode == "pooled":
-        d._build_pool()
+        d.build_teacher_pool()
     setup_seconds = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
     gen = torch.Generator().manual_seed(2)

@@ -116,3 +116,10 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
     for pid, pstate in meta["state"].items():
         state[int(pid)] = {k: tensors[f"{pid}.{k}"] if v == "__tensor__" else v for k, v in pstate.items()}
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    """Write JSON so a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False))
+    os.replace(tmp, path)

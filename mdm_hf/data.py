@@ -371,6 +371,40 @@ def preprocess_split_images(encoder, data: ImageCaptionSplit, batch_size: int = 
     return torch.cat(chunks)
 
 
+def image_pixels(
+    encoder, data: ImageCaptionSplit, image_indices: torch.Tensor, pixel_cache: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Normalised pixels ``[n, 3, S, S]`` of the given images: rows of ``pixel_cache`` when the split was
+    preprocessed once, else decoded and preprocessed now."""
+    if pixel_cache is not None:
+        return pixel_cache[image_indices]
+    return encoder.preprocess_images(data.images(image_indices.tolist()))
+
+
+@torch.no_grad()
+def embed_pairs(
+    encoder,
+    data: ImageCaptionSplit,
+    text_features: torch.Tensor,
+    pixel_cache: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z_v, z_t)`` of every real pair of ``data`` under ``encoder``, on the CPU: the one "embed every pair".
+
+    Each image is embedded once and its embedding repeated for each of its captions; ``text_features[j]`` is the
+    frozen feature ``e`` of caption ``j``.
+    """
+    device = next(encoder.parameters()).device
+    image_embeds = []
+    for start in range(0, data.num_images, batch_size):
+        idx = torch.arange(start, min(start + batch_size, data.num_images))
+        pixels = image_pixels(encoder, data, idx, pixel_cache)
+        image_embeds.append(encoder.image_embeds(pixels.to(device)).cpu())
+    zv = torch.cat(image_embeds)[data.caption_to_image]
+    zt = torch.cat([encoder.project_text(t.to(device)).cpu() for t in text_features.split(batch_size)])
+    return zv, zt
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Real (image, caption) pairs for a ``DataLoader``: item ``j`` is caption ``j`` with its image's pixels.
 
@@ -386,9 +420,6 @@ class PairDataset(torch.utils.data.Dataset):
         return self.data.num_captions
 
     def __getitem__(self, j: int) -> dict:
-        img = int(self.data.caption_to_image[j])
-        if self.pixel_cache is not None:
-            pixels = self.pixel_cache[img]
-        else:
-            pixels = self.encoder.preprocess_images([self.data.image(img)])[0]
+        image = self.data.caption_to_image[j : j + 1]
+        pixels = image_pixels(self.encoder, self.data, image, self.pixel_cache)[0]
         return {"pixel_values": pixels, "caption_index": j}

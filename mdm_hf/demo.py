@@ -219,7 +219,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"  anchor        : {anchor}\n  expert bank   : {bank}\n  EmojiCaps     : {data_dir}\n"
         f'Share it:  python -c "from mdm_hf import SyntheticSet; '
         f"SyntheticSet.from_pretrained('{synthetic_dir}').push_to_hub('<user>/emojicaps-mdm-{cfg.num_pairs}')\"\n"
-        f"           (after `hf auth login`; the expert bank: mdm_hf.experts.push_expert_bank('{bank}', "
+        f"           (after `hf auth login`; the expert bank: mdm_hf.bank.push_expert_bank('{bank}', "
         "'<user>/emojicaps-experts'))"
     )
     return summary

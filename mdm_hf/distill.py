@@ -22,11 +22,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import accelerate
 import torch
+from accelerate import Accelerator
 
+from .bank import load_expert_bank
 from .config import MDMConfig
 from .data import ImageCaptionSplit
 from .distill_loop import DistillState, SyntheticSetDistiller, ValidationFn
+from .losses import MDMLoss
+from .merge import ExpertBank
 from .models import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -66,46 +71,43 @@ class MDMDistiller(SyntheticSetDistiller):
             ``"mean"`` entry (higher is better) used for early stopping and keeping the best state. It must score on
             a validation split, never test (:func:`mdm_hf.evaluation.student_validation_fn` builds one).
         accelerator: an ``accelerate.Accelerator``; one is built from the config when omitted.
-        teacher / expert_bank / train_data: pre-loaded pieces (tests, benchmarks); loaded from the config if None.
+        teacher / expert_bank / train_data / text_features / pixel_cache: pre-loaded pieces (tests, benchmarks);
+            whatever is None is loaded from the config in :meth:`setup`.
     """
 
     def __init__(
         self,
         config: MDMConfig,
         validation_fn: ValidationFn | None = None,
-        accelerator=None,
+        accelerator: Accelerator | None = None,
         teacher: DualEncoder | None = None,
-        expert_bank=None,
+        expert_bank: ExpertBank | None = None,
         train_data: ImageCaptionSplit | None = None,
+        text_features: torch.Tensor | None = None,
+        pixel_cache: torch.Tensor | None = None,
     ) -> None:
-        from accelerate import Accelerator
-
         log_with = None if config.report_to in ("none", "", None) else config.report_to
         accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.output_dir)
-        super().__init__(config, validation_fn, accelerator)
-        self.teacher = teacher
+        super().__init__(
+            config, validation_fn, accelerator, teacher=teacher, train_data=train_data,
+            text_features=text_features, pixel_cache=pixel_cache,
+        )  # fmt: skip
         self.expert_bank = expert_bank
-        self.train_data = train_data
-        self._set_up = False
 
     # ================================================================== set-up
     def setup(self) -> None:
         """Load teacher, data, cached text features and experts; everything the loop needs."""
-        if self._set_up:
+        if self.is_set_up:
             return
         cfg, acc = self.config, self.accelerator
         self._load_teacher_and_data(acc.device)
         if self.expert_bank is None and cfg.expert_bank is not None:
-            from .experts import load_expert_bank
-
             self.expert_bank = load_expert_bank(
                 cfg.expert_bank, self.teacher, revision=cfg.expert_bank_revision
             )
         if self.expert_bank is not None:
             self.expert_bank = self.expert_bank.to(acc.device)
         contrastive = self.teacher.contrastive_loss_type if cfg.contrastive == "auto" else cfg.contrastive
-        from .losses import MDMLoss
-
         self.loss_fn = MDMLoss(
             lambda_contrastive=cfg.lambda_contrastive,
             lambda_agreement=cfg.lambda_agreement,
@@ -114,18 +116,9 @@ class MDMDistiller(SyntheticSetDistiller):
             temperature=cfg.temperature,
             contrastive=contrastive,
         )
-        self._set_up = True
+        self.is_set_up = True
 
     # ================================================================== real side
-    def real_pixels(self, caption_indices: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels of the images of the given real pairs."""
-        image_idx = self.train_data.caption_to_image[caption_indices.cpu()]
-        if self.pixel_cache is not None:
-            pixels = self.pixel_cache[image_idx]
-        else:
-            pixels = self.teacher.preprocess_images(self.train_data.images(image_idx.tolist()))
-        return pixels.to(self.accelerator.device)
-
     @torch.no_grad()
     def embed_real(
         self, caption_indices: torch.Tensor, batch_size: int = 256
@@ -136,23 +129,6 @@ class MDMDistiller(SyntheticSetDistiller):
             zv.append(self.teacher.image_embeds(self.real_pixels(chunk)))
             zt.append(self.teacher.project_text(self.text_features[chunk.cpu()].to(self.accelerator.device)))
         return torch.cat(zv), torch.cat(zt)
-
-    @torch.no_grad()
-    def embed_all_pairs(self, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of every real pair, images embedded once each (per-image, then expanded to pairs)."""
-        data, dev = self.train_data, self.accelerator.device
-        image_embeds = []
-        for start in range(0, data.num_images, batch_size):
-            idx = torch.arange(start, min(start + batch_size, data.num_images))
-            pixels = self.pixel_cache[idx] if self.pixel_cache is not None else None
-            if pixels is None:
-                pixels = self.teacher.preprocess_images(data.images(idx.tolist()))
-            image_embeds.append(self.teacher.image_embeds(pixels.to(dev)).cpu())
-        zv = torch.cat(image_embeds)[data.caption_to_image]
-        zt = torch.cat(
-            [self.teacher.project_text(c.to(dev)).cpu() for c in self.text_features.split(batch_size)]
-        )
-        return zv, zt
 
     # ================================================================== teachers
     def _draw_teacher(self, generator: torch.Generator) -> dict:
@@ -167,7 +143,7 @@ class MDMDistiller(SyntheticSetDistiller):
             alpha=self.config.merge_alpha,
         )
 
-    def _build_pool(self) -> None:
+    def build_teacher_pool(self) -> None:
         """Pooled mode: P mixed teachers, their merged tensors and the embeddings of (a subset of) real pairs."""
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed + 7919)  # independent of the loop's generator: resumable
@@ -187,28 +163,18 @@ class MDMDistiller(SyntheticSetDistiller):
             self.pool.append({"state": state, "zv": zv.cpu(), "zt": zt.cpu()})
 
     # ================================================================== initialisation (MDM §1)
-    def initialize(self) -> torch.Tensor:
-        """Choose ``num_pairs`` real pairs (joint-space k-means by default) and set ``x~, e~`` from them."""
-        from .selection import joint_features, select_pairs
-
+    def initialize(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Start ``x~, e~`` from the real pairs ``indices`` -- by default the joint-space k-means choice (MDM §1,
+        ``config.init``) under a mixed teacher, as the loop will see the data -- and build the optimiser."""
         cfg = self.config
         self.setup()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        self._draw_teacher(gen)  # embed with a mixed teacher, as the loop will see the data
-        if cfg.init == "random":
-            chosen = select_pairs(
-                "random", torch.zeros(self.train_data.num_captions, 1), cfg.num_pairs, cfg.seed
-            )
-        else:
-            zv, zt = self.embed_all_pairs()
-            chosen = select_pairs(cfg.init, joint_features(zv, zt), cfg.num_pairs, cfg.seed)
-        chosen = chosen.cpu().long()
-        self.source_indices = chosen
-        self.syn_pixels = self.real_pixels(chosen).detach().clone().requires_grad_(True)
-        self.syn_text = self.text_features[chosen].to(self.accelerator.device).clone().requires_grad_(True)
+        if indices is None:
+            self._draw_teacher(torch.Generator().manual_seed(cfg.seed))
+            indices = self.select_initial_pairs()
+        self.start_from(indices)
         self._build_optimizer()
         self._generator = torch.Generator().manual_seed(cfg.seed + 1)  # the loop's draws: teachers, batches
-        return chosen
+        return self.source_indices
 
     def _build_optimizer(self) -> None:
         cfg = self.config
@@ -319,7 +285,7 @@ class MDMDistiller(SyntheticSetDistiller):
     def _before_loop(self) -> None:
         cfg = self.config
         if cfg.teacher_mode == "pooled":
-            self._build_pool()
+            self.build_teacher_pool()
         if cfg.report_to not in ("none", "", None):
             self.accelerator.init_trackers(
                 "mdm", config={k: v for k, v in cfg.to_dict().items() if v is not None}
@@ -335,7 +301,6 @@ class MDMDistiller(SyntheticSetDistiller):
     # ================================================================== output
     def provenance(self) -> dict:
         """Where the set came from: ids and revisions, the expert bank, the full config, library versions."""
-        import accelerate
 
         cfg = self.config
         out = self._common_provenance("MDM")

@@ -6,9 +6,11 @@ step does. Both learn synthetic pixels ``x~`` and text features ``e~`` initialis
 state under a validation hook, checkpoint to resume bit for bit, and return the same
 :class:`~mdm_hf.synthetic.SyntheticSet`. That common part lives here once, so the two are measured on equal terms.
 
-A subclass provides ``setup()``, ``initialize()`` (sets ``syn_pixels``, ``syn_text``, ``source_indices``,
-``optimizer``, ``_generator``), ``training_step(generator) -> (logs, timings)`` and ``provenance()``; it may extend
-the hooks ``_before_loop`` / ``_after_loop`` / ``_log`` and the checkpoint extras.
+A subclass provides ``setup()``, ``initialize(indices=None)`` (calls :meth:`start_from`, then sets ``optimizer`` and
+``_generator``), ``training_step(generator) -> (logs, timings)`` and ``provenance()``; it may extend the hooks
+``_before_loop`` / ``_after_loop`` / ``_log`` and the checkpoint extras. The real side every method needs --
+:meth:`real_pixels`, :meth:`embed_all_pairs`, :meth:`select_initial_pairs` -- is public here, so benchmarks and
+subclasses use it without reaching into private state.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 import torch.nn.functional as F
+import transformers
+from tqdm.auto import tqdm
 
+from . import __version__
 from .checkpointing import (
     CHECKPOINT_PREFIX,
     flatten_optimizer_state,
@@ -31,7 +37,10 @@ from .checkpointing import (
     resolve_resume,
     write_checkpoint,
 )
-from .data import load_split
+from .data import cached_text_features, embed_pairs, image_pixels, load_split, preprocess_split_images
+from .models import DualEncoder
+from .selection import joint_features, select_pairs
+from .synthetic import SyntheticSet
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +62,37 @@ class DistillState:
 class SyntheticSetDistiller:
     """Base of the distillers: the loop, the validation hook, checkpoints and the :class:`SyntheticSet` output.
 
-    Attributes a subclass sets: ``config`` (with ``output_dir``, ``max_steps``, ``eval_steps``, ``save_steps``,
-    ``eval_on_start``, ``logging_steps``, ``save_total_limit``, ``early_stopping_patience``, ``resume_from_checkpoint``,
-    ``overwrite_output_dir``, ``save(path)`` and ``to_dict()``), ``validation_fn``, ``teacher``, ``train_data``,
-    ``text_features``, and ``accelerator`` (None: a single process).
+    Args:
+        config: a :class:`~mdm_hf.config.DistillRunArguments` subclass that also carries the model fields.
+        validation_fn: ``validation_fn(synthetic_set, step) -> metrics`` with a ``"mean"`` entry (higher is better).
+        accelerator: an ``accelerate.Accelerator`` (None: a single process on ``device``).
+        teacher / train_data / text_features / pixel_cache: pre-loaded pieces (tests, benchmarks); whatever is None
+            is loaded from the config in :meth:`setup`.
     """
 
     progress_name = "distill"  # the progress bar's label
     config_file = "config.json"  # the run's config, written to output_dir
 
-    def __init__(self, config, validation_fn: ValidationFn | None = None, accelerator=None) -> None:
+    def __init__(
+        self,
+        config,
+        validation_fn: ValidationFn | None = None,
+        accelerator=None,
+        *,
+        teacher: DualEncoder | None = None,
+        train_data=None,
+        text_features: torch.Tensor | None = None,
+        pixel_cache: torch.Tensor | None = None,
+    ) -> None:
         self.config = config
         self.validation_fn = validation_fn
         self.accelerator = accelerator
+        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
+        self.teacher = teacher
+        self.train_data = train_data
+        self.text_features = text_features
+        self.pixel_cache = pixel_cache
+        self.is_set_up = False
         self.state = DistillState()
         self.timings: list = []
 
@@ -73,7 +100,9 @@ class SyntheticSetDistiller:
     def setup(self) -> None:
         raise NotImplementedError
 
-    def initialize(self) -> torch.Tensor:
+    def initialize(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Start the synthetic set from ``indices`` (real pair indices; None: :meth:`select_initial_pairs`) and
+        build the optimiser. Returns the chosen indices."""
         raise NotImplementedError
 
     def training_step(self, generator: torch.Generator) -> tuple[dict, object]:
@@ -111,9 +140,6 @@ class SyntheticSetDistiller:
     def _load_teacher_and_data(self, device: torch.device | str) -> None:
         """The frozen teacher on ``device``, the train split (checked against the budget), its cached text
         features ``e = E_t(c)`` and, when the split is small enough, its preprocessed pixels."""
-        from .data import cached_text_features, preprocess_split_images
-        from .models import DualEncoder
-
         cfg = self.config
         if self.teacher is None:
             self.teacher = DualEncoder.from_pretrained(
@@ -129,14 +155,41 @@ class SyntheticSetDistiller:
                 f"num_pairs={cfg.num_pairs} is larger than the dataset ({data.num_captions} pairs in split "
                 f"'{data.split}' of {data.name}). Lower num_pairs or use a larger split."
             )
-        first = self.accelerator.main_process_first() if self.accelerator is not None else nullcontext()
-        with first:  # rank 0 fills the cache, the others read it
-            self.text_features = cached_text_features(
-                self.teacher, data, cfg.cache_dir, progress=self.is_main_process
-            )
-        self.pixel_cache = None
-        if data.num_images <= cfg.max_cached_images:
+        if self.text_features is None:
+            first = self.accelerator.main_process_first() if self.accelerator is not None else nullcontext()
+            with first:  # rank 0 fills the cache, the others read it
+                self.text_features = cached_text_features(
+                    self.teacher, data, cfg.cache_dir, progress=self.is_main_process
+                )
+        if self.pixel_cache is None and data.num_images <= cfg.max_cached_images:
             self.pixel_cache = preprocess_split_images(self.teacher, data)
+
+    # ================================================================== the real side and the start
+    def real_pixels(self, caption_indices: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels of the images of the given real pairs, on ``device``."""
+        image_indices = self.train_data.caption_to_image[caption_indices.cpu()]
+        return image_pixels(self.teacher, self.train_data, image_indices, self.pixel_cache).to(self.device)
+
+    def embed_all_pairs(self, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_v, z_t)`` of every real pair under the installed teacher (CPU)."""
+        return embed_pairs(self.teacher, self.train_data, self.text_features, self.pixel_cache, batch_size)
+
+    def select_initial_pairs(self) -> torch.Tensor:
+        """``num_pairs`` real pair indices by ``config.init`` (MDM §1: joint-space k-means) under the installed
+        teacher."""
+        cfg = self.config
+        if cfg.init == "random":
+            features = torch.zeros(self.train_data.num_captions, 1)
+        else:
+            features = joint_features(*self.embed_all_pairs())
+        return select_pairs(cfg.init, features, cfg.num_pairs, cfg.seed).cpu().long()
+
+    def start_from(self, indices: torch.Tensor) -> None:
+        """``x~ <- x``, ``e~ <- e`` of the real pairs ``indices`` (leaf tensors that require a gradient)."""
+        indices = indices.cpu().long()
+        self.source_indices = indices
+        self.syn_pixels = self.real_pixels(indices).detach().clone().requires_grad_(True)
+        self.syn_text = self.text_features[indices].to(self.device).clone().requires_grad_(True)
 
     # ================================================================== the loop
     def _current(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +201,6 @@ class SyntheticSetDistiller:
 
         With a validation hook, "best" is the state with the highest validation mean; without one, the last state.
         """
-        from tqdm.auto import tqdm
 
         cfg = self.config
         self._prepare_output_dir()
@@ -213,7 +265,6 @@ class SyntheticSetDistiller:
     @torch.no_grad()
     def synthetic_set(self, pixels: torch.Tensor, text: torch.Tensor, num_captions: int = 3):
         """Wrap tensors as a :class:`~mdm_hf.synthetic.SyntheticSet` with nearest real captions and provenance."""
-        from .synthetic import SyntheticSet
 
         sims = F.normalize(text.float(), dim=-1) @ F.normalize(self.text_features.float(), dim=-1).T
         nearest = sims.topk(min(num_captions, sims.shape[1]), dim=1).indices
@@ -231,10 +282,6 @@ class SyntheticSetDistiller:
 
     def _common_provenance(self, method: str) -> dict:
         """The provenance keys every method shares: teacher, data, selection, steps, config, library versions."""
-        import datasets
-        import transformers
-
-        from . import __version__
 
         cfg = self.config
         return {

@@ -23,11 +23,7 @@ with rsLoRA); a module trained in full becomes its dense difference ``w_i − w0
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
-import math
-import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -35,8 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
+from . import __version__
 from .anchor import (
     CaptionedImages,
     ContrastiveObjective,
@@ -44,16 +45,23 @@ from .anchor import (
     prepare_output_dir,
     run_contrastive_training,
 )
+from .bank import (
+    BANK_FORMAT_VERSION,
+    MANIFEST_NAME,
+    anchor_fingerprint,
+    bank_size_bytes,
+    push_expert_bank,
+    read_manifest,
+    write_bank_card,
+)
+from .checkpointing import write_json_atomic
 from .config import DatasetArguments, check_values, optional_split, parse_dataclass_args
 from .config import config_field as _f
-from .data import load_split
-from .models import DualEncoder, OfflineHubError, is_hub_offline
+from .data import cached_text_features, load_split, preprocess_split_images
+from .models import DualEncoder
 
 logger = logging.getLogger(__name__)
 
-BANK_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-CARD_TEMPLATE = "expert_bank_card"
 # Leaf names of the attention projections LoRA targets by default. peft ships no defaults for CLIP / SigLIP.
 ATTENTION_LEAVES = (("q_proj", "k_proj", "v_proj", "out_proj"), ("query", "key", "value"))
 PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip": ["text_model.head"]}
@@ -167,86 +175,6 @@ class ExpertTrainingConfig(DatasetArguments):
 
 
 # ============================================================================================== anchor identity
-def anchor_fingerprint(model: nn.Module) -> dict:
-    """Identity of an anchor's weights: a hash of names + shapes, a hash of the float32 values, per-tensor mean |w|.
-
-    The exact hash recognises the same checkpoint under another name (a local snapshot of a Hub id); the shape hash
-    and the per-tensor statistics (tolerant to loading in another dtype) tell *how* another anchor differs.
-    """
-    shapes, stats, values = {}, {}, hashlib.sha256()
-    for name, param in model.named_parameters():
-        shapes[name] = list(param.shape)
-        tensor = param.detach().to("cpu", torch.float32).contiguous()
-        values.update(name.encode())
-        values.update(tensor.numpy().tobytes())
-        stats[name] = float(f"{tensor.abs().mean().item():.7g}")
-    return {
-        "num_parameters": int(sum(p.numel() for p in model.parameters())),
-        "shapes_sha256": hashlib.sha256(json.dumps(list(shapes.items())).encode()).hexdigest(),
-        "weights_sha256": values.hexdigest(),
-        "shapes": shapes,
-        "weight_stats": stats,
-    }
-
-
-def _anchor_label(name: str | None, revision: str | None) -> str:
-    return f"'{name}'" + (f" (revision {revision})" if revision else "")
-
-
-def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> None:
-    """Raise a ``ValueError`` naming the mismatch unless ``anchor`` is the model the bank was trained from.
-
-    Same weights (exact hash) pass whatever the name. Otherwise shapes, then weight statistics are compared; a
-    different id or revision with weights that are not identical is refused as well.
-    """
-    trained = _anchor_label(bank_anchor.get("name_or_path"), bank_anchor.get("revision"))
-    given = _anchor_label(anchor.name_or_path, anchor.revision)
-    head = f"The expert bank was trained from {trained}, but the anchor is {given}"
-    fix = (
-        "Load the anchor the bank was made from (see the bank's manifest.json / README) or train a new bank."
-    )
-    if bank_anchor.get("family") not in (None, anchor.family):
-        raise ValueError(
-            f"{head}: a {bank_anchor['family']} bank cannot be applied to a {anchor.family} model. {fix}"
-        )
-    now = anchor_fingerprint(anchor.model)
-    if now["weights_sha256"] == bank_anchor.get("weights_sha256"):
-        return
-    if now["shapes_sha256"] != bank_anchor.get("shapes_sha256"):
-        old_shapes, new_shapes = bank_anchor.get("shapes", {}), now["shapes"]
-        missing = [n for n in old_shapes if n not in new_shapes][:3]
-        extra = [n for n in new_shapes if n not in old_shapes][:3]
-        resized = [f"{n} {old_shapes[n]} vs {v}" for n, v in new_shapes.items() if old_shapes.get(n, v) != v][
-            :3
-        ]
-        raise ValueError(
-            f"{head}, and their tensors differ in names or shapes (only in the bank's anchor: {missing}; only in "
-            f"the anchor: {extra}; other shapes: {resized}; {bank_anchor.get('num_parameters')} vs "
-            f"{now['num_parameters']} parameters). {fix}"
-        )
-    old = bank_anchor.get("weight_stats", {})
-    differing = [
-        n
-        for n, v in now["weight_stats"].items()
-        if not math.isclose(v, old.get(n, math.nan), rel_tol=rtol, abs_tol=1e-8)
-    ]
-    if differing:
-        raise ValueError(
-            f"{head}, which has the same architecture but different weights ({len(differing)} tensors differ, e.g. "
-            f"{differing[0]}: mean |w| {old.get(differing[0])} in the bank's anchor vs "
-            f"{now['weight_stats'][differing[0]]}). {fix}"
-        )
-    trained_id = (bank_anchor.get("name_or_path"), bank_anchor.get("revision"))
-    if trained_id != (anchor.name_or_path, anchor.revision):
-        raise ValueError(
-            f"{head}: same architecture and nearly the same weights, but not identical (a fine-tuned copy or another "
-            f"revision?). {fix}"
-        )
-    logger.warning(
-        "The anchor %s matches the bank's anchor by name and weight statistics but not bit for bit (loaded in "
-        "another dtype?); using the bank anyway.",
-        given,
-    )
 
 
 # ============================================================================================== LoRA set-up
@@ -294,10 +222,6 @@ def full_finetune_parameters(encoder: DualEncoder) -> list[str]:
 
 
 # ============================================================================================== bank training
-def _write_json_atomic(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def train_expert(
@@ -317,7 +241,6 @@ def train_expert(
     ``{"name", "seed", "epochs": [{"epoch", "path", "train_loss", "validation"}]}`` with the trained encoder.
     ``validation`` is ``(pixels, text_features, caption_to_image)``.
     """
-    from accelerate.utils import set_seed
 
     seed = config.expert_seeds[index]
     set_seed(seed)  # LoRA init and data order; identical on every process
@@ -331,8 +254,6 @@ def train_expert(
         for name, param in model.named_parameters():
             param.requires_grad_(name in trainable)
     else:
-        from peft import LoraConfig, get_peft_model
-
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora, target_modules=lora_target_regex(model, config.target_modules),
@@ -376,13 +297,12 @@ def _save_lora_epoch(peft_model, path: Path, anchor: DualEncoder) -> None:
 
 
 def _save_full_epoch(model: nn.Module, path: Path, names: list[str], anchor: DualEncoder) -> None:
-    from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().cpu().contiguous() for n in names}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    _write_json_atomic(
+    write_json_atomic(
         path / "expert_config.json",
         {"kind": "full", "base_model_name_or_path": anchor.name_or_path, "revision": anchor.revision,
          "num_tensors": len(tensors)},
@@ -397,10 +317,6 @@ def train_expert_bank(
     Works under ``accelerate launch`` (multi-process data parallel): every process trains on its shard, the main
     process writes the checkpoints, the manifest and the card. Returns the bank directory.
     """
-    from accelerate import Accelerator
-
-    from . import __version__
-    from .data import cached_text_features, preprocess_split_images
 
     acc = accelerator or Accelerator()
     out = Path(config.output_dir)
@@ -463,7 +379,7 @@ def train_expert_bank(
         )
         manifest["experts"].append(record)
         if acc.is_main_process:  # after every expert: a crash leaves a readable, partial bank
-            _write_json_atomic(out / MANIFEST_NAME, manifest)
+            write_json_atomic(out / MANIFEST_NAME, manifest)
     if acc.is_main_process:
         write_bank_card(out, manifest)
     acc.wait_for_everyone()
@@ -519,274 +435,9 @@ def _resumable_experts(previous: dict, manifest: dict, config: ExpertTrainingCon
 
 
 # ============================================================================================== bank files
-def read_manifest(bank_dir: str | os.PathLike) -> dict:
-    """The bank's ``manifest.json``; a clear error when ``bank_dir`` is not an expert bank or is too new."""
-    path = Path(bank_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"'{bank_dir}' is not an expert bank: it has no {MANIFEST_NAME}. Make one with `mdm-hf experts` "
-            "(recipes/finetune_experts.py)."
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version", 0) > BANK_FORMAT_VERSION:
-        raise ValueError(
-            f"Expert bank '{bank_dir}' has format version {manifest['format_version']}; this mdm-hf reads up to "
-            f"{BANK_FORMAT_VERSION}. Upgrade mdm-hf."
-        )
-    return manifest
-
-
-def bank_size_bytes(bank_dir: str | os.PathLike) -> int:
-    """Bytes of every file in the bank (weights, configs, manifest, card)."""
-    return sum(p.stat().st_size for p in Path(bank_dir).rglob("*") if p.is_file())
-
-
-def write_bank_card(
-    bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None
-) -> Path:
-    """Render ``README.md`` of the bank from ``hub_cards/expert_bank_card.md`` (``repo_id`` fills the snippets)."""
-    import yaml
-    from huggingface_hub import ModelCardData
-
-    from .cards import render_model_card
-
-    bank_dir = Path(bank_dir)
-    manifest = manifest or read_manifest(bank_dir)
-    anchor, lora = manifest["anchor"], manifest.get("lora")
-    anchor_id = anchor["name_or_path"]
-    on_hub = not os.path.exists(anchor_id) and anchor_id.count("/") == 1
-    dataset = manifest["dataset"]["name"]
-    card_data = ModelCardData(
-        library_name="peft" if manifest["kind"] == "lora" else "transformers",
-        base_model=anchor_id if on_hub else None,
-        datasets=[dataset] if not os.path.exists(dataset) and dataset.count("/") == 1 else None,
-        tags=["mdm-hf", "dataset-distillation", "model-stock", "expert-bank", manifest["family"],
-              *(["lora"] if manifest["kind"] == "lora" else [])],
-    )  # fmt: skip
-    rows = []
-    for expert in manifest["experts"]:
-        for ep in expert["epochs"]:
-            val = ep.get("validation") or {}
-            rows.append([expert["name"], expert["seed"], ep["epoch"], f"{ep['train_loss']:.4f}",
-                         *(f"{val[k]:.1f}" if k in val else "–" for k in ("ir@1", "tr@1", "mean"))])  # fmt: skip
-    card = render_model_card(
-        CARD_TEMPLATE,
-        card_data,
-        repo_id=repo_id or str(bank_dir),
-        anchor=anchor,
-        anchor_link=f"[{anchor_id}](https://huggingface.co/{anchor_id})" if on_hub else f"`{anchor_id}`",
-        kind=manifest["kind"],
-        family=manifest["family"],
-        lora=lora,
-        num_experts=len(manifest["experts"]),
-        num_epochs=manifest["num_epochs"],
-        seeds=manifest["seeds"],
-        dataset=manifest["dataset"],
-        rows=rows,
-        size_mb=f"{bank_size_bytes(bank_dir) / 2**20:.1f}",
-        training_yaml=yaml.safe_dump(manifest["training"], sort_keys=True).strip(),
-        created_with=manifest.get("created_with", "mdm-hf"),
-    )
-    path = bank_dir / "README.md"
-    card.save(str(path))
-    return path
-
-
-def push_expert_bank(
-    bank_dir: str | os.PathLike,
-    repo_id: str,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload MDM expert bank",
-) -> str:
-    """Upload a bank directory as a Hub **model** repo (created if needed); returns the commit URL.
-
-    The card is re-rendered with ``repo_id`` first. ``token`` (or the logged-in token) is only handed to
-    ``HfApi``; it is never written to a file.
-    """
-    from huggingface_hub import HfApi
-
-    bank_dir = Path(bank_dir)
-    write_bank_card(bank_dir, read_manifest(bank_dir), repo_id=repo_id)
-    api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
-    info = api.upload_folder(
-        folder_path=str(bank_dir), repo_id=repo_id, repo_type="model", revision=revision,
-        commit_message=commit_message, ignore_patterns=["*.tmp", ".cache/**"],
-    )  # fmt: skip
-    return str(getattr(info, "commit_url", info))
 
 
 # ============================================================================================== loading
-def resolve_bank_dir(
-    id_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None
-) -> Path:
-    """A local bank directory: ``id_or_dir`` itself, or a snapshot of the Hub repo ``id_or_dir``."""
-    if os.path.isdir(id_or_dir):
-        return Path(id_or_dir)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    hint = (
-        f"Download it once where the Hub is reachable (`hf download {id_or_dir} --local-dir expert_bank/`) and pass "
-        "the local directory instead (--expert_bank expert_bank/)."
-    )
-    try:
-        return Path(snapshot_download(str(id_or_dir), revision=revision, repo_type="model", token=token))
-    except HFValidationError as err:
-        raise FileNotFoundError(
-            f"Expert bank '{id_or_dir}' is neither a directory nor a valid Hub repo id."
-        ) from err
-    except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one clear message
-        raise OfflineHubError(
-            f"Could not load the expert bank '{id_or_dir}'{f' (revision {revision})' if revision else ''}: it is "
-            f"not a local directory and the Hub could not provide it (offline={is_hub_offline()}; "
-            f"{type(err).__name__}: {err}). {hint}"
-        ) from err
-
-
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-
-
-def _strip_peft_prefix(key: str) -> str:
-    key = key.removeprefix("base_model.model.")
-    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
-
-
-def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], bank_anchor: dict) -> dict:
-    """One saved LoRA checkpoint -> ``{anchor parameter name: LowRankDelta | dense Tensor offset}``."""
-    from peft.utils.other import get_pattern_key
-    from safetensors.torch import load_file
-
-    from .merge import LowRankDelta
-
-    cfg_path, weights = epoch_dir / "adapter_config.json", epoch_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickled = any((epoch_dir / n).exists() for n in ("adapter_model.bin", "adapter_model.pt"))
-        raise ValueError(
-            f"{epoch_dir}: no adapter_model.safetensors"
-            + (
-                " (only a pickled adapter_model.bin, which is never loaded: re-save it with safetensors)."
-                if pickled
-                else "."
-            )
-        )
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{epoch_dir}: a {cfg.get('peft_type')} adapter; expert banks hold LoRA adapters only."
-        )
-    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
-        if cfg.get(flag):
-            raise ValueError(
-                f"{epoch_dir}: {flag}=True adapters are not plain low-rank offsets and are not supported."
-            )
-    base = (cfg.get("base_model_name_or_path"), cfg.get("revision"))
-    if base != (bank_anchor.get("name_or_path"), bank_anchor.get("revision")):
-        raise ValueError(
-            f"{epoch_dir}: the adapter was trained from {_anchor_label(*base)}, but the bank's manifest names "
-            f"{_anchor_label(bank_anchor.get('name_or_path'), bank_anchor.get('revision'))}. The bank is inconsistent."
-        )
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    deltas: dict = {}
-    for key, tensor in load_file(str(weights)).items():
-        match = _LORA_KEY.match(key)
-        if match:
-            factors.setdefault(match["module"], {})[match["ab"]] = tensor.float()
-            continue
-        name = _strip_peft_prefix(key)
-        if name not in anchor_params:
-            raise ValueError(f"{epoch_dir}: tensor '{key}' matches no parameter of the anchor ('{name}').")
-        if tuple(tensor.shape) != tuple(anchor_params[name].shape):
-            raise ValueError(
-                f"{epoch_dir}: '{name}' has shape {tuple(tensor.shape)}, the anchor's {tuple(anchor_params[name].shape)}."
-            )
-        deltas[name] = tensor.float() - anchor_params[name].detach().float().cpu()
-    for module, ab in factors.items():
-        name = f"{module}.weight"
-        if set(ab) != {"A", "B"} or name not in anchor_params:
-            raise ValueError(
-                f"{epoch_dir}: LoRA factors of '{module}' are incomplete or match no anchor weight."
-            )
-        a, b, w = ab["A"], ab["B"], anchor_params[name]
-        if (
-            a.ndim != 2
-            or b.ndim != 2
-            or a.shape[0] != b.shape[1]
-            or (b.shape[0], a.shape[1]) != tuple(w.shape)
-        ):
-            raise ValueError(
-                f"{epoch_dir}: LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
-                f"anchor weight {tuple(w.shape)}."
-            )
-        r = a.shape[0]
-        expected_r = cfg.get("rank_pattern", {}).get(
-            get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), cfg["r"]
-        )
-        if r != expected_r:
-            raise ValueError(
-                f"{epoch_dir}: '{module}' has rank {r} but its adapter_config says {expected_r}."
-            )
-        alphas = cfg.get("alpha_pattern", {})
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg["lora_alpha"])
-        # peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; ΔW = scaling · B · A.
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        deltas[name] = LowRankDelta(a, b, scale)
-    return deltas
-
-
-def full_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One saved full checkpoint (``model.safetensors`` of the trained tensors) -> dense offsets ``w_i − w0``."""
-    from safetensors.torch import load_file
-
-    weights = epoch_dir / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"{epoch_dir}: no model.safetensors in this full-weight expert checkpoint.")
-    deltas = {}
-    for name, tensor in load_file(str(weights)).items():
-        if name not in anchor_params or tuple(tensor.shape) != tuple(anchor_params[name].shape):
-            raise ValueError(
-                f"{epoch_dir}: tensor '{name}' {tuple(tensor.shape)} matches no anchor parameter of that shape."
-            )
-        deltas[name] = tensor.float() - anchor_params[name].detach().float().cpu()
-    return deltas
-
-
-def load_expert_bank(
-    id_or_dir: str | os.PathLike,
-    anchor: DualEncoder,
-    revision: str | None = None,
-    token: str | None = None,
-):
-    """Load a bank (Hub id or directory) as a :class:`mdm_hf.merge.ExpertBank` over ``anchor``.
-
-    Raises ``ValueError`` when the bank was trained from another anchor (id / revision / weights / shapes), and a
-    clear ``OSError`` with the fix when a Hub id cannot be fetched (offline).
-    """
-    bank_dir = resolve_bank_dir(id_or_dir, revision, token)
-    manifest = read_manifest(bank_dir)
-    check_anchor(manifest["anchor"], anchor)
-    anchor_params = {n: p.detach().float().cpu() for n, p in anchor.model.named_parameters()}
-    experts, names = [], []
-    for expert in manifest["experts"]:
-        epochs = []
-        for ep in sorted(expert["epochs"], key=lambda e: e["epoch"]):
-            epoch_dir = bank_dir / ep["path"]
-            if manifest["kind"] == "lora":
-                epochs.append(lora_epoch_deltas(epoch_dir, anchor_params, manifest["anchor"]))
-            else:
-                epochs.append(full_epoch_deltas(epoch_dir, anchor_params))
-        experts.append(epochs)
-        names.append(expert["name"])
-    if not experts:
-        raise ValueError(f"Expert bank '{id_or_dir}' holds no experts (an interrupted run?). Train it again.")
-    touched = sorted({n for epochs in experts for deltas in epochs for n in deltas})
-    from .merge import ExpertBank
-
-    return ExpertBank({n: anchor_params[n] for n in touched}, experts, names=names)
 
 
 # ============================================================================================== CLI
@@ -795,7 +446,6 @@ def experts_main(argv: Sequence[str] | None = None) -> int:
 
     config = parse_dataclass_args(ExpertTrainingConfig, argv, prog="mdm-hf experts")
     bank = train_expert_bank(config)
-    from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(f"Expert bank ({config.num_experts} experts x {config.num_epochs} epochs, {config.kind}) written to "

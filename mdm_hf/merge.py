@@ -296,6 +296,13 @@ class ExpertBank:
         """Parameter names some expert changes (in the anchor's order): all a mixed teacher rewrites."""
         return list(self._anchor)
 
+    def select(self, checkpoints: Sequence[tuple[int, int]]) -> ExpertBank:
+        """A bank of the given ``(expert, epoch)`` checkpoints only (0-based epoch index, negative counts from the
+        end), each as a one-epoch expert: e.g. ``select([(0, -1)])`` is the single fine-tuned expert of the paper's
+        teacher ablation (MDM §2)."""
+        chosen = [[self._experts[i][e]] for i, e in checkpoints]
+        return ExpertBank(self._anchor, chosen, names=[f"{self.names[i]}@{e}" for i, e in checkpoints])
+
     def to(self, device: torch.device | str) -> ExpertBank:
         """Move the stored anchor tensors and offsets to ``device`` (e.g. the teacher's GPU) in place; returns self."""
         self._anchor = {k: v.to(device) for k, v in self._anchor.items()}

@@ -13,16 +13,8 @@ from safetensors.torch import load_file
 
 from mdm_hf import testing
 from mdm_hf.anchor import recall_at_1
-from mdm_hf.experts import (
-    ExpertTrainingConfig,
-    check_anchor,
-    experts_main,
-    load_expert_bank,
-    lora_epoch_deltas,
-    lora_target_regex,
-    push_expert_bank,
-    read_manifest,
-)
+from mdm_hf.bank import check_anchor, load_expert_bank, lora_epoch_deltas, push_expert_bank, read_manifest
+from mdm_hf.experts import ExpertTrainingConfig, experts_main, lora_target_regex
 from mdm_hf.models import DualEncoder
 
 RECIPE_CONFIG = Path(__file__).parents[1] / "recipes" / "configs" / "experts_tiny.yaml"
@@ -340,7 +332,7 @@ def test_rslora_and_rank_patterns_use_peft_scaling(tiny_clip_dir, tmp_path):
 
 
 def test_check_anchor_accepts_its_own_fingerprint(tiny_siglip_dir):
-    from mdm_hf.experts import anchor_fingerprint
+    from mdm_hf.bank import anchor_fingerprint
 
     anchor = _anchor(tiny_siglip_dir)
     check_anchor({"name_or_path": "x", "family": "siglip", **anchor_fingerprint(anchor.model)}, anchor)

@@ -268,7 +268,7 @@ def _distiller(tiny, out, **kw) -> TrajectoryMatchingDistiller:
 
 
 def test_recorded_buffer_is_a_full_bank_both_readers_accept(tiny):
-    from mdm_hf.experts import load_expert_bank, read_manifest
+    from mdm_hf.bank import load_expert_bank, read_manifest
 
     manifest = read_manifest(tiny["buffer"])
     assert manifest["kind"] == "full" and manifest["training"]["optimizer"] == "sgd"
@@ -339,7 +339,7 @@ def test_end_to_end_distill_gives_a_valid_synthetic_set(tiny, tmp_path, unroll, 
     assert d.state.best_step == 2  # the best validation score is kept, not the last state
     assert synthetic.provenance["best_step"] == 2
     assert synthetic.provenance["method"].startswith("LoRS" if similarity != "none" else "MTT-VL")
-    initial = d._real_pixels(d.source_indices).cpu()
+    initial = d.real_pixels(d.source_indices).cpu()
     assert not torch.equal(synthetic.pixel_values, initial)  # learned
     assert d.syn_lrs["image"].item() != 0.1  # the step size is learned too
     extras = load_file(str(tmp_path / "out" / EXTRAS_FILE))
@@ -510,8 +510,8 @@ def test_command_line_records_a_buffer_and_distils_from_it(tiny_clip_dir, tiny_d
     """`mdm-hf tm-buffer` then `mdm-hf tm`, as a user runs the baseline; the set opens with load_dataset."""
     import datasets
 
+    from mdm_hf.bank import read_manifest
     from mdm_hf.cli import main
-    from mdm_hf.experts import read_manifest
 
     common = ["--model_name_or_path", tiny_clip_dir, "--dataset_name", tiny_dataset_dir,
               "--cache_dir", str(tmp_path / "cache")]  # fmt: skip

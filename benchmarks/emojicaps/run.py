@@ -108,7 +108,6 @@ def compare(cfg: DemoConfig, data: Path, anchor: Path, work: Path, k: int, metho
 def ablations(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path, only=None) -> dict:
     """Validation-only ablations at K=100 (best validation mean recall of the distiller's hook)."""
     from mdm_hf.experts import load_expert_bank
-    from mdm_hf.merge import ExpertBank
     from mdm_hf.models import DualEncoder
 
     out = {}
@@ -132,7 +131,7 @@ def ablations(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path,
     # single expert: one checkpoint (the last epoch of expert 0) as a fixed teacher, full offset (alpha = 1)
     teacher = DualEncoder.from_pretrained(str(anchor))
     full = load_expert_bank(str(bank), teacher)
-    single = ExpertBank(full._anchor, [[full._experts[0][-1]]])
+    single = full.select([(0, -1)])
     rec = _single_expert(cfg, data, anchor, work, teacher, single)
     out["teacher: single expert"] = rec
     return out

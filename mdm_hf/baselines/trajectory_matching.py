@@ -49,10 +49,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bank import (
+    BANK_FORMAT_VERSION,
+    MANIFEST_NAME,
+    anchor_fingerprint,
+    check_anchor,
+    read_manifest,
+    resolve_bank_dir,
+)
 from ..config import DatasetArguments, DistillRunArguments, check_values, optional_split, parse_dataclass_args
 from ..config import config_field as _f
 from ..data import load_split
 from ..distill_loop import SyntheticSetDistiller, ValidationFn
+from ..experts import full_finetune_parameters
 from ..models import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -415,7 +424,7 @@ class TrajectoryBuffer:
     """Expert trajectories read from a **full** expert bank: ``checkpoint(i, 0)`` is the anchor, ``checkpoint(i, e)``
     the trained tensors of expert ``i`` after epoch ``e`` (``<bank>/expert-<i>/epoch-<e>/model.safetensors``).
 
-    The bank must belong to ``anchor`` (checked with :func:`mdm_hf.experts.check_anchor`). Loading is lazy; with
+    The bank must belong to ``anchor`` (checked with :func:`mdm_hf.bank.check_anchor`). Loading is lazy; with
     ``cache=True`` every checkpoint read stays in memory.
     """
 
@@ -427,8 +436,6 @@ class TrajectoryBuffer:
         cache: bool = True,
     ) -> None:
         from safetensors import safe_open
-
-        from ..experts import check_anchor, read_manifest, resolve_bank_dir
 
         self.directory = resolve_bank_dir(bank_dir, revision)
         manifest = read_manifest(self.directory)
@@ -537,7 +544,7 @@ def record_trajectory_buffer(
     Trains the vision tower and the projections (:func:`mdm_hf.experts.full_finetune_parameters`; text tower and
     logit scale frozen) with the family's contrastive loss, one caption per image per epoch, and writes a **full**
     expert bank (``manifest.json`` + ``expert-<i>/epoch-<e>/model.safetensors``) that :class:`TrajectoryBuffer` and
-    :func:`mdm_hf.experts.load_expert_bank` both read. ``validation`` = ``(pixels, text_features,
+    :func:`mdm_hf.bank.load_expert_bank` both read. ``validation`` = ``(pixels, text_features,
     caption_to_image)`` adds per-epoch recall@1 to the manifest. Single process.
     """
     import copy
@@ -547,7 +554,6 @@ def record_trajectory_buffer(
     from .. import __version__
     from ..anchor import CaptionedImages, ContrastiveObjective, evaluate_recall
     from ..data import cached_text_features, preprocess_split_images
-    from ..experts import BANK_FORMAT_VERSION, MANIFEST_NAME, anchor_fingerprint, full_finetune_parameters
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -665,17 +671,14 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         train_data=None,
         buffer: TrajectoryBuffer | None = None,
     ) -> None:
-        super().__init__(config, validation_fn, accelerator=None)
-        self.teacher = teacher
-        self.train_data = train_data
+        super().__init__(config, validation_fn, accelerator=None, teacher=teacher, train_data=train_data)
         self.buffer = buffer
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._set_up = False
 
     # ================================================================== set-up
     def setup(self) -> None:
         """Load teacher, data, cached text features and the trajectory buffer; check the schedule fits."""
-        if self._set_up:
+        if self.is_set_up:
             return
         cfg = self.config
         self._load_teacher_and_data(self.device)
@@ -715,44 +718,16 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
             else torch.tensor(1.0 / cfg.temperature)
         )
         self.logit_scale = scale.float().to(self.device)
-        self._set_up = True
+        self.is_set_up = True
 
     # ================================================================== initialisation
-    def _real_pixels(self, caption_indices: torch.Tensor) -> torch.Tensor:
-        image_idx = self.train_data.caption_to_image[caption_indices.cpu()]
-        if self.pixel_cache is not None:
-            return self.pixel_cache[image_idx].to(self.device)
-        return self.teacher.preprocess_images(self.train_data.images(image_idx.tolist())).to(self.device)
-
-    @torch.no_grad()
-    def _anchor_joint_features(self, batch_size: int = 256) -> torch.Tensor:
-        from ..selection import joint_features
-
-        data = self.train_data
-        images = []
-        for start in range(0, data.num_images, batch_size):
-            idx = torch.arange(start, min(start + batch_size, data.num_images))
-            pixels = self.pixel_cache[idx] if self.pixel_cache is not None else self.teacher.preprocess_images(
-                data.images(idx.tolist()))  # fmt: skip
-            images.append(self.teacher.image_embeds(pixels.to(self.device)).cpu())
-        zv = torch.cat(images)[data.caption_to_image]
-        zt = torch.cat(
-            [self.teacher.project_text(c.to(self.device)).cpu() for c in self.text_features.split(batch_size)]
-        )
-        return joint_features(zv, zt)
-
-    def initialize(self) -> torch.Tensor:
-        """Choose the initial real pairs, set ``x~, e~``, the step sizes, the similarity matrix and the optimiser."""
-        from ..selection import select_pairs
-
+    def initialize(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Start from ``indices`` (default: ``config.init`` under the anchor), set ``x~, e~``, the step sizes, the
+        similarity matrix and the optimiser."""
         cfg = self.config
         self.setup()
-        n = self.train_data.num_captions
-        features = torch.zeros(n, 1) if cfg.init == "random" else self._anchor_joint_features()
-        chosen = select_pairs(cfg.init, features, cfg.num_pairs, cfg.seed).cpu().long()
-        self.source_indices = chosen
-        self.syn_pixels = self._real_pixels(chosen).detach().clone().requires_grad_(True)
-        self.syn_text = self.text_features[chosen].to(self.device).clone().requires_grad_(True)
+        self.start_from(self.select_initial_pairs() if indices is None else indices)
+        chosen = self.source_indices
         lr0 = cfg.syn_lr_init
         if lr0 is None:
             if self.buffer.optimizer != "sgd" or self.buffer.learning_rate is None:

@@ -1,0 +1,388 @@
+"""The expert bank: MDM's experts (MDM §2) on disk and on the Hub, read back as anchor-relative offsets.
+
+A bank on disk (and as a Hub model repo)::
+
+    <bank>/manifest.json                     format version, anchor id + revision + fingerprint, family, kind,
+                                             target modules, r / alpha, seeds, epochs, per-epoch loss and recall
+    <bank>/README.md                         model card (hub_cards/expert_bank_card.md)
+    <bank>/expert-<i>/epoch-<e>/             adapter_model.safetensors + adapter_config.json (kind "lora"), or
+                                             model.safetensors holding the trained tensors (kind "full")
+
+:func:`load_expert_bank` reads a bank with ``safetensors`` only (never pickle), checks it belongs to the given
+anchor and turns every checkpoint into anchor-relative offsets keyed by the anchor's parameter names: a LoRA layer
+becomes ``LowRankDelta(A, B, scale)`` with ``ΔW = scale · B · A`` and ``scale = lora_alpha / r`` (``/ sqrt(r)``
+with rsLoRA); a module trained in full becomes its dense difference ``w_i − w0``. Those are what
+:class:`mdm_hf.merge.ExpertBank` merges. Training the experts is :mod:`mdm_hf.experts`; the trajectory-matching
+baseline reads its full-weight buffers through the same format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import yaml
+from huggingface_hub import HfApi, ModelCardData, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load_file
+from torch import nn
+
+from .cards import render_model_card
+from .merge import ExpertBank, LowRankDelta
+from .models import DualEncoder, OfflineHubError, is_hub_offline
+
+logger = logging.getLogger(__name__)
+
+
+BANK_FORMAT_VERSION = 1
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+CARD_TEMPLATE = "expert_bank_card"
+
+
+def anchor_fingerprint(model: nn.Module) -> dict:
+    """Identity of an anchor's weights: a hash of names + shapes, a hash of the float32 values, per-tensor mean |w|.
+
+    The exact hash recognises the same checkpoint under another name (a local snapshot of a Hub id); the shape hash
+    and the per-tensor statistics (tolerant to loading in another dtype) tell *how* another anchor differs.
+    """
+    shapes, stats, values = {}, {}, hashlib.sha256()
+    for name, param in model.named_parameters():
+        shapes[name] = list(param.shape)
+        tensor = param.detach().to("cpu", torch.float32).contiguous()
+        values.update(name.encode())
+        values.update(tensor.numpy().tobytes())
+        stats[name] = float(f"{tensor.abs().mean().item():.7g}")
+    return {
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "shapes_sha256": hashlib.sha256(json.dumps(list(shapes.items())).encode()).hexdigest(),
+        "weights_sha256": values.hexdigest(),
+        "shapes": shapes,
+        "weight_stats": stats,
+    }
+
+
+def _anchor_label(name: str | None, revision: str | None) -> str:
+    return f"'{name}'" + (f" (revision {revision})" if revision else "")
+
+
+def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> None:
+    """Raise a ``ValueError`` naming the mismatch unless ``anchor`` is the model the bank was trained from.
+
+    Same weights (exact hash) pass whatever the name. Otherwise shapes, then weight statistics are compared; a
+    different id or revision with weights that are not identical is refused as well.
+    """
+    trained = _anchor_label(bank_anchor.get("name_or_path"), bank_anchor.get("revision"))
+    given = _anchor_label(anchor.name_or_path, anchor.revision)
+    head = f"The expert bank was trained from {trained}, but the anchor is {given}"
+    fix = (
+        "Load the anchor the bank was made from (see the bank's manifest.json / README) or train a new bank."
+    )
+    if bank_anchor.get("family") not in (None, anchor.family):
+        raise ValueError(
+            f"{head}: a {bank_anchor['family']} bank cannot be applied to a {anchor.family} model. {fix}"
+        )
+    now = anchor_fingerprint(anchor.model)
+    if now["weights_sha256"] == bank_anchor.get("weights_sha256"):
+        return
+    if now["shapes_sha256"] != bank_anchor.get("shapes_sha256"):
+        old_shapes, new_shapes = bank_anchor.get("shapes", {}), now["shapes"]
+        missing = [n for n in old_shapes if n not in new_shapes][:3]
+        extra = [n for n in new_shapes if n not in old_shapes][:3]
+        resized = [f"{n} {old_shapes[n]} vs {v}" for n, v in new_shapes.items() if old_shapes.get(n, v) != v][
+            :3
+        ]
+        raise ValueError(
+            f"{head}, and their tensors differ in names or shapes (only in the bank's anchor: {missing}; only in "
+            f"the anchor: {extra}; other shapes: {resized}; {bank_anchor.get('num_parameters')} vs "
+            f"{now['num_parameters']} parameters). {fix}"
+        )
+    old = bank_anchor.get("weight_stats", {})
+    differing = [
+        n
+        for n, v in now["weight_stats"].items()
+        if not math.isclose(v, old.get(n, math.nan), rel_tol=rtol, abs_tol=1e-8)
+    ]
+    if differing:
+        raise ValueError(
+            f"{head}, which has the same architecture but different weights ({len(differing)} tensors differ, e.g. "
+            f"{differing[0]}: mean |w| {old.get(differing[0])} in the bank's anchor vs "
+            f"{now['weight_stats'][differing[0]]}). {fix}"
+        )
+    trained_id = (bank_anchor.get("name_or_path"), bank_anchor.get("revision"))
+    if trained_id != (anchor.name_or_path, anchor.revision):
+        raise ValueError(
+            f"{head}: same architecture and nearly the same weights, but not identical (a fine-tuned copy or another "
+            f"revision?). {fix}"
+        )
+    logger.warning(
+        "The anchor %s matches the bank's anchor by name and weight statistics but not bit for bit (loaded in "
+        "another dtype?); using the bank anyway.",
+        given,
+    )
+
+
+def read_manifest(bank_dir: str | os.PathLike) -> dict:
+    """The bank's ``manifest.json``; a clear error when ``bank_dir`` is not an expert bank or is too new."""
+    path = Path(bank_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"'{bank_dir}' is not an expert bank: it has no {MANIFEST_NAME}. Make one with `mdm-hf experts` "
+            "(recipes/finetune_experts.py)."
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version", 0) > BANK_FORMAT_VERSION:
+        raise ValueError(
+            f"Expert bank '{bank_dir}' has format version {manifest['format_version']}; this mdm-hf reads up to "
+            f"{BANK_FORMAT_VERSION}. Upgrade mdm-hf."
+        )
+    return manifest
+
+
+def bank_size_bytes(bank_dir: str | os.PathLike) -> int:
+    """Bytes of every file in the bank (weights, configs, manifest, card)."""
+    return sum(p.stat().st_size for p in Path(bank_dir).rglob("*") if p.is_file())
+
+
+def write_bank_card(
+    bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None
+) -> Path:
+    """Render ``README.md`` of the bank from ``hub_cards/expert_bank_card.md`` (``repo_id`` fills the snippets)."""
+
+    bank_dir = Path(bank_dir)
+    manifest = manifest or read_manifest(bank_dir)
+    anchor, lora = manifest["anchor"], manifest.get("lora")
+    anchor_id = anchor["name_or_path"]
+    on_hub = not os.path.exists(anchor_id) and anchor_id.count("/") == 1
+    dataset = manifest["dataset"]["name"]
+    card_data = ModelCardData(
+        library_name="peft" if manifest["kind"] == "lora" else "transformers",
+        base_model=anchor_id if on_hub else None,
+        datasets=[dataset] if not os.path.exists(dataset) and dataset.count("/") == 1 else None,
+        tags=["mdm-hf", "dataset-distillation", "model-stock", "expert-bank", manifest["family"],
+              *(["lora"] if manifest["kind"] == "lora" else [])],
+    )  # fmt: skip
+    rows = []
+    for expert in manifest["experts"]:
+        for ep in expert["epochs"]:
+            val = ep.get("validation") or {}
+            rows.append([expert["name"], expert["seed"], ep["epoch"], f"{ep['train_loss']:.4f}",
+                         *(f"{val[k]:.1f}" if k in val else "–" for k in ("ir@1", "tr@1", "mean"))])  # fmt: skip
+    card = render_model_card(
+        CARD_TEMPLATE,
+        card_data,
+        repo_id=repo_id or str(bank_dir),
+        anchor=anchor,
+        anchor_link=f"[{anchor_id}](https://huggingface.co/{anchor_id})" if on_hub else f"`{anchor_id}`",
+        kind=manifest["kind"],
+        family=manifest["family"],
+        lora=lora,
+        num_experts=len(manifest["experts"]),
+        num_epochs=manifest["num_epochs"],
+        seeds=manifest["seeds"],
+        dataset=manifest["dataset"],
+        rows=rows,
+        size_mb=f"{bank_size_bytes(bank_dir) / 2**20:.1f}",
+        training_yaml=yaml.safe_dump(manifest["training"], sort_keys=True).strip(),
+        created_with=manifest.get("created_with", "mdm-hf"),
+    )
+    path = bank_dir / "README.md"
+    card.save(str(path))
+    return path
+
+
+def push_expert_bank(
+    bank_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload MDM expert bank",
+) -> str:
+    """Upload a bank directory as a Hub **model** repo (created if needed); returns the commit URL.
+
+    The card is re-rendered with ``repo_id`` first. ``token`` (or the logged-in token) is only handed to
+    ``HfApi``; it is never written to a file.
+    """
+
+    bank_dir = Path(bank_dir)
+    write_bank_card(bank_dir, read_manifest(bank_dir), repo_id=repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
+    info = api.upload_folder(
+        folder_path=str(bank_dir), repo_id=repo_id, repo_type="model", revision=revision,
+        commit_message=commit_message, ignore_patterns=["*.tmp", ".cache/**"],
+    )  # fmt: skip
+    return str(getattr(info, "commit_url", info))
+
+
+def resolve_bank_dir(
+    id_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local bank directory: ``id_or_dir`` itself, or a snapshot of the Hub repo ``id_or_dir``."""
+    if os.path.isdir(id_or_dir):
+        return Path(id_or_dir)
+
+    hint = (
+        f"Download it once where the Hub is reachable (`hf download {id_or_dir} --local-dir expert_bank/`) and pass "
+        "the local directory instead (--expert_bank expert_bank/)."
+    )
+    try:
+        return Path(snapshot_download(str(id_or_dir), revision=revision, repo_type="model", token=token))
+    except HFValidationError as err:
+        raise FileNotFoundError(
+            f"Expert bank '{id_or_dir}' is neither a directory nor a valid Hub repo id."
+        ) from err
+    except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one clear message
+        raise OfflineHubError(
+            f"Could not load the expert bank '{id_or_dir}'{f' (revision {revision})' if revision else ''}: it is "
+            f"not a local directory and the Hub could not provide it (offline={is_hub_offline()}; "
+            f"{type(err).__name__}: {err}). {hint}"
+        ) from err
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _strip_peft_prefix(key: str) -> str:
+    key = key.removeprefix("base_model.model.")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+
+
+def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], bank_anchor: dict) -> dict:
+    """One saved LoRA checkpoint -> ``{anchor parameter name: LowRankDelta | dense Tensor offset}``."""
+
+    cfg_path, weights = epoch_dir / "adapter_config.json", epoch_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = any((epoch_dir / n).exists() for n in ("adapter_model.bin", "adapter_model.pt"))
+        raise ValueError(
+            f"{epoch_dir}: no adapter_model.safetensors"
+            + (
+                " (only a pickled adapter_model.bin, which is never loaded: re-save it with safetensors)."
+                if pickled
+                else "."
+            )
+        )
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{epoch_dir}: a {cfg.get('peft_type')} adapter; expert banks hold LoRA adapters only."
+        )
+    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if cfg.get(flag):
+            raise ValueError(
+                f"{epoch_dir}: {flag}=True adapters are not plain low-rank offsets and are not supported."
+            )
+    base = (cfg.get("base_model_name_or_path"), cfg.get("revision"))
+    if base != (bank_anchor.get("name_or_path"), bank_anchor.get("revision")):
+        raise ValueError(
+            f"{epoch_dir}: the adapter was trained from {_anchor_label(*base)}, but the bank's manifest names "
+            f"{_anchor_label(bank_anchor.get('name_or_path'), bank_anchor.get('revision'))}. The bank is inconsistent."
+        )
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    deltas: dict = {}
+    for key, tensor in load_file(str(weights)).items():
+        match = _LORA_KEY.match(key)
+        if match:
+            factors.setdefault(match["module"], {})[match["ab"]] = tensor.float()
+            continue
+        name = _strip_peft_prefix(key)
+        if name not in anchor_params:
+            raise ValueError(f"{epoch_dir}: tensor '{key}' matches no parameter of the anchor ('{name}').")
+        if tuple(tensor.shape) != tuple(anchor_params[name].shape):
+            raise ValueError(
+                f"{epoch_dir}: '{name}' has shape {tuple(tensor.shape)}, the anchor's {tuple(anchor_params[name].shape)}."
+            )
+        deltas[name] = tensor.float() - anchor_params[name].detach().float().cpu()
+    for module, ab in factors.items():
+        name = f"{module}.weight"
+        if set(ab) != {"A", "B"} or name not in anchor_params:
+            raise ValueError(
+                f"{epoch_dir}: LoRA factors of '{module}' are incomplete or match no anchor weight."
+            )
+        a, b, w = ab["A"], ab["B"], anchor_params[name]
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[0] != b.shape[1]
+            or (b.shape[0], a.shape[1]) != tuple(w.shape)
+        ):
+            raise ValueError(
+                f"{epoch_dir}: LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
+                f"anchor weight {tuple(w.shape)}."
+            )
+        r = a.shape[0]
+        expected_r = cfg.get("rank_pattern", {}).get(
+            get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), cfg["r"]
+        )
+        if r != expected_r:
+            raise ValueError(
+                f"{epoch_dir}: '{module}' has rank {r} but its adapter_config says {expected_r}."
+            )
+        alphas = cfg.get("alpha_pattern", {})
+        alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg["lora_alpha"])
+        # peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; ΔW = scaling · B · A.
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        deltas[name] = LowRankDelta(a, b, scale)
+    return deltas
+
+
+def full_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One saved full checkpoint (``model.safetensors`` of the trained tensors) -> dense offsets ``w_i − w0``."""
+
+    weights = epoch_dir / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{epoch_dir}: no model.safetensors in this full-weight expert checkpoint.")
+    deltas = {}
+    for name, tensor in load_file(str(weights)).items():
+        if name not in anchor_params or tuple(tensor.shape) != tuple(anchor_params[name].shape):
+            raise ValueError(
+                f"{epoch_dir}: tensor '{name}' {tuple(tensor.shape)} matches no anchor parameter of that shape."
+            )
+        deltas[name] = tensor.float() - anchor_params[name].detach().float().cpu()
+    return deltas
+
+
+def load_expert_bank(
+    id_or_dir: str | os.PathLike,
+    anchor: DualEncoder,
+    revision: str | None = None,
+    token: str | None = None,
+):
+    """Load a bank (Hub id or directory) as a :class:`mdm_hf.merge.ExpertBank` over ``anchor``.
+
+    Raises ``ValueError`` when the bank was trained from another anchor (id / revision / weights / shapes), and a
+    clear ``OSError`` with the fix when a Hub id cannot be fetched (offline).
+    """
+    bank_dir = resolve_bank_dir(id_or_dir, revision, token)
+    manifest = read_manifest(bank_dir)
+    check_anchor(manifest["anchor"], anchor)
+    anchor_params = {n: p.detach().float().cpu() for n, p in anchor.model.named_parameters()}
+    experts, names = [], []
+    for expert in manifest["experts"]:
+        epochs = []
+        for ep in sorted(expert["epochs"], key=lambda e: e["epoch"]):
+            epoch_dir = bank_dir / ep["path"]
+            if manifest["kind"] == "lora":
+                epochs.append(lora_epoch_deltas(epoch_dir, anchor_params, manifest["anchor"]))
+            else:
+                epochs.append(full_epoch_deltas(epoch_dir, anchor_params))
+        experts.append(epochs)
+        names.append(expert["name"])
+    if not experts:
+        raise ValueError(f"Expert bank '{id_or_dir}' holds no experts (an interrupted run?). Train it again.")
+    touched = sorted({n for epochs in experts for deltas in epochs for n in deltas})
+
+    return ExpertBank({n: anchor_params[n] for n in touched}, experts, names=names)
