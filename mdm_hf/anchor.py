@@ -27,18 +27,29 @@ import json
 import logging
 import math
 import os
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from kornia.augmentation import RandomGaussianBlur, RandomGrayscale
 from torch import nn
 
+from . import __version__
+from .checkpointing import prepare_output_dir
 from .config import DatasetArguments, optional_split, parse_dataclass_args
 from .config import config_field as _f
-from .data import load_split
+from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
+from .training import (
+    CaptionedImages,
+    ContrastiveObjective,
+    contrastive_loss,
+    evaluate_recall,
+    run_contrastive_training,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,183 +59,6 @@ CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # ============================================================================================== contrastive training
-def contrastive_loss(
-    encoder: DualEncoder, image_embeds: torch.Tensor, text_embeds: torch.Tensor
-) -> torch.Tensor:
-    """The loss the family was trained with on unit-norm embeddings: CLIP softmax or SigLIP sigmoid.
-
-    Uses the model's own (exponentiated) logit scale and, for SigLIP, its bias.
-    """
-    from .losses import clip_contrastive_loss, sigmoid_contrastive_loss
-
-    if encoder.contrastive_loss_type == "siglip":
-        return sigmoid_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale, encoder.logit_bias)
-    return clip_contrastive_loss(image_embeds, text_embeds, encoder.logit_scale)
-
-
-class ContrastiveObjective(nn.Module):
-    """``forward(pixel_values, text_features) -> loss``: one module, so DDP sees every trainable parameter used.
-
-    ``augment`` (optional) maps normalised pixels to augmented normalised pixels in training mode.
-    """
-
-    def __init__(
-        self, encoder: DualEncoder, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.augment = augment
-
-    def forward(self, pixel_values: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        if self.training and self.augment is not None:
-            pixel_values = self.augment(pixel_values)
-        image_embeds, text_embeds = self.encoder(pixel_values, text_features)
-        return contrastive_loss(self.encoder, image_embeds, text_embeds)
-
-
-class CaptionedImages(torch.utils.data.Dataset):
-    """Item ``i``: image ``i`` with the frozen text feature of one of its captions, redrawn every epoch.
-
-    One caption per image keeps each batch free of duplicate images (a duplicate would be a false negative of the
-    contrastive loss). The caption choice depends only on (seed, epoch, i), so every process agrees on it.
-    """
-
-    def __init__(
-        self, data, encoder: DualEncoder, text_features: torch.Tensor, pixels: torch.Tensor | None, seed: int
-    ):
-        self.data, self.encoder, self.text_features, self.pixels, self.seed = (
-            data,
-            encoder,
-            text_features,
-            pixels,
-            seed,
-        )
-        self.captions_of: list[list[int]] = [[] for _ in range(data.num_images)]
-        for j, image in enumerate(data.caption_to_image.tolist()):
-            self.captions_of[image].append(j)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.data.num_images
-
-    def __getitem__(self, i: int) -> dict:
-        caps = self.captions_of[i]
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
-        j = caps[int(torch.randint(len(caps), (1,), generator=gen))]
-        pixels = (
-            self.pixels[i]
-            if self.pixels is not None
-            else self.encoder.preprocess_images([self.data.image(i)])[0]
-        )
-        return {"pixel_values": pixels, "text_features": self.text_features[j]}
-
-
-def recall_at_1(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, caption_to_image: torch.Tensor
-) -> dict:
-    """IR@1 (caption → its image ranked first), TR@1 (image → one of its captions first) and their mean, in %."""
-    sims = text_embeds.float() @ image_embeds.float().T  # [N_txt, N_img]
-    owners = caption_to_image.to(sims.device)
-    ir = (sims.argmax(dim=1) == owners).float().mean().item() * 100
-    top_caption = sims.argmax(dim=0)  # best caption per image
-    tr = (owners[top_caption] == torch.arange(sims.shape[1], device=sims.device)).float().mean().item() * 100
-    return {"ir@1": ir, "tr@1": tr, "mean": (ir + tr) / 2}
-
-
-@torch.no_grad()
-def evaluate_recall(
-    encoder: DualEncoder, pixels: torch.Tensor, text_features: torch.Tensor, caption_to_image: torch.Tensor,
-    batch_size: int = 256,
-) -> dict:  # fmt: skip
-    """Recall@1 of ``encoder`` on pre-processed images and frozen text features (eval mode, no gradient)."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    zv = torch.cat([encoder.image_embeds(p.to(device)).cpu() for p in pixels.split(batch_size)])
-    zt = torch.cat([encoder.project_text(t.to(device)).cpu() for t in text_features.split(batch_size)])
-    encoder.train(was_training)
-    return recall_at_1(zv, zt, caption_to_image)
-
-
-def run_contrastive_training(
-    accelerator,
-    objective: ContrastiveObjective,
-    dataset: CaptionedImages,
-    *,
-    learning_rate: float,
-    batch_size: int,
-    num_epochs: int,
-    weight_decay: float = 0.0,
-    max_steps: int | None = None,
-    lr_scheduler_type: str = "constant",
-    warmup_ratio: float = 0.0,
-    max_grad_norm: float | None = 1.0,
-    num_workers: int = 0,
-    on_epoch_end: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """AdamW over the trainable parameters of ``objective``, data parallel through ``accelerator``.
-
-    Each process computes the contrastive loss over its own batch (its negatives are the local batch) and DDP
-    averages the gradients. ``on_epoch_end(epoch, mean_loss)`` runs on every process after each epoch (1-based),
-    with the loss averaged over processes. Returns the per-epoch mean losses.
-    """
-    from transformers import get_scheduler
-
-    params = [p for p in objective.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("Nothing to train: no parameter of the model requires a gradient.")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers
-    )
-    model, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
-    total = len(loader) * num_epochs if max_steps is None else min(max_steps, len(loader) * num_epochs)
-    # Stepped once per optimiser step on every process (not prepared: accelerate would step it num_processes times).
-    scheduler = get_scheduler(lr_scheduler_type, optimizer, int(warmup_ratio * total), total)
-    epoch_losses, step = [], 0
-    for epoch in range(num_epochs):
-        dataset.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        model.train()
-        running, count = torch.zeros((), device=accelerator.device), 0
-        for batch in loader:
-            loss = model(batch["pixel_values"], batch["text_features"])
-            accelerator.backward(loss)
-            if max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()
-            count += 1
-            step += 1
-            if step >= total:
-                break
-        mean = accelerator.reduce(running / max(count, 1), reduction="mean").item()
-        epoch_losses.append(mean)
-        model.eval()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, mean)
-        if step >= total:
-            break
-    accelerator.free_memory()
-    return epoch_losses
-
-
-def prepare_output_dir(path: Path, overwrite: bool, accelerator) -> None:
-    if accelerator.is_main_process:
-        if path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise FileExistsError(
-                    f"output_dir '{path}' is not empty. Pass --overwrite_output_dir to replace it or choose another."
-                )
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
 
 
 # ============================================================================================== anchor pre-training
@@ -329,7 +163,6 @@ class StyleAugment(nn.Module):
         self, mean: Sequence[float], std: Sequence[float], grayscale_p: float, blur_p: float, sigma_max: float
     ):
         super().__init__()
-        from kornia.augmentation import RandomGaussianBlur, RandomGrayscale
 
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -401,17 +234,27 @@ def fixed_batch_loss(
     return sum(loss * w for loss, w in zip(losses, weights)) / sum(weights)
 
 
+ANCHOR_RECORD = "anchor_training.json"
+# What DualEncoder.save_pretrained writes for the families an anchor can have, and the training record.
+ANCHOR_FILES = {
+    ANCHOR_RECORD, "config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "spiece.model", "generation_config.json", "chat_template.jinja", "added_tokens.json",
+}  # fmt: skip
+
+
+def owns_anchor_file(path: Path) -> bool:
+    """An entry of an anchor folder written by :func:`pretrain_anchor` (what ``--overwrite_output_dir`` removes):
+    only in a folder that holds its training record."""
+    return path.name in ANCHOR_FILES and (path.parent / ANCHOR_RECORD).is_file()
+
+
 def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> AnchorPretrainingResult:
     """Train the anchor described by ``config`` and save it to ``config.output_dir`` (loadable by DualEncoder)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from . import __version__
-    from .data import cached_text_features, preprocess_split_images
 
     acc = accelerator or Accelerator()
     out = Path(config.output_dir)
-    prepare_output_dir(out, config.overwrite_output_dir, acc)
+    prepare_output_dir(out, owned=owns_anchor_file, overwrite=config.overwrite_output_dir, accelerator=acc)
     set_seed(config.seed)
     encoder = build_anchor(config)
     encoder.freeze_text_tower()
@@ -469,7 +312,7 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
             "fixed_batch_loss": {"initial": initial, "final": final},
             "epochs": history,
         }
-        (out / "anchor_training.json").write_text(json.dumps(record, indent=2))
+        (out / ANCHOR_RECORD).write_text(json.dumps(record, indent=2))
     acc.wait_for_everyone()
     return AnchorPretrainingResult(out, initial, final, losses, [h.get("validation") for h in history])
 

@@ -132,6 +132,13 @@ def check_anchor(bank_anchor: dict, anchor: DualEncoder, rtol: float = 1e-2) -> 
     )
 
 
+def owns_bank_entry(path: Path) -> bool:
+    """Whether an entry of a bank folder is the bank's own (what ``--overwrite_output_dir`` may remove)."""
+    if path.name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp") or re.fullmatch(r"expert-\d+", path.name):
+        return True
+    return path.name == "README.md" and (path.parent / MANIFEST_NAME).is_file()  # the bank's card
+
+
 def read_manifest(bank_dir: str | os.PathLike) -> dict:
     """The bank's ``manifest.json``; a clear error when ``bank_dir`` is not an expert bank or is too new."""
     path = Path(bank_dir) / MANIFEST_NAME

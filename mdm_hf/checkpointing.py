@@ -10,9 +10,11 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
@@ -20,16 +22,60 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: bool) -> Path:
-    """Create ``output_dir``; refuse a non-empty one unless resuming or overwriting (nothing is lost silently)."""
+def prepare_output_dir(
+    output_dir: str | os.PathLike,
+    *,
+    owned: Callable[[Path], bool],
+    overwrite: bool,
+    resuming: bool = False,
+    accelerator=None,
+) -> Path:
+    """Create ``output_dir`` for a run; the one place a run decides what it may delete.
+
+    A non-empty folder is refused unless the run resumes in it or ``overwrite`` is set. Overwriting removes only
+    the entries ``owned(entry)`` recognises as written by an earlier run of the same command (its checkpoints,
+    manifest, config file, synthetic set); anything else in the folder is an error that names it, raised before
+    anything is deleted -- a run never removes a file it cannot prove it wrote. With an ``accelerator``, only the
+    main process touches the folder and the others wait for it.
+    """
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not resuming and not overwrite:
-        raise FileExistsError(
-            f"output_dir '{out}' is not empty. Resume with --resume_from_checkpoint latest, pass "
-            "--overwrite_output_dir to start over in it, or choose another --output_dir."
-        )
+    if accelerator is not None and accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            prepare_output_dir(out, owned=owned, overwrite=overwrite, resuming=resuming)
+        accelerator.wait_for_everyone()
+        return out
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir '{out}' is a file. Choose a directory for --output_dir.")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not resuming:
+        if not overwrite:
+            raise FileExistsError(
+                f"output_dir '{out}' is not empty. Resume with --resume_from_checkpoint latest (distillation) or "
+                "--resume true (experts), pass --overwrite_output_dir true to replace an earlier run's outputs, or "
+                "choose another --output_dir."
+            )
+        foreign = [p.name for p in entries if not owned(p)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise FileExistsError(
+                f"--overwrite_output_dir removes only what an earlier run of this command wrote, but output_dir "
+                f"'{out}' also holds {shown}. Move those away or choose another --output_dir; nothing was deleted."
+            )
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        logger.info("Removed the earlier run's outputs in %s (--overwrite_output_dir).", out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A ``checkpoint-<step>`` folder (or its ``.tmp`` staging copy) holding the run state file."""
+    name = path.name.removesuffix(".tmp")
+    step = name.removeprefix(CHECKPOINT_PREFIX)
+    staging = path.name.endswith(".tmp")
+    return (
+        name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and (staging or (path / STATE_FILE).is_file())
+    )
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -58,7 +104,6 @@ def write_checkpoint(
     path: Path, files: dict[str, dict[str, torch.Tensor]], state: dict, keep: int | None = None
 ) -> Path:
     """Write ``{file name: tensors}`` and ``state`` into ``path`` atomically, then keep the ``keep`` newest."""
-    from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -79,7 +124,6 @@ def read_checkpoint(
     path: str | os.PathLike, pixel_shape: torch.Size, text_shape: torch.Size
 ) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(synthetic tensors, loop state, optimiser state dict)`` of a checkpoint made for tensors of these shapes."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     tensors = load_file(str(path / "synthetic.safetensors"))

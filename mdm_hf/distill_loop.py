@@ -32,6 +32,7 @@ from . import __version__
 from .checkpointing import (
     CHECKPOINT_PREFIX,
     flatten_optimizer_state,
+    is_checkpoint_dir,
     prepare_output_dir,
     read_checkpoint,
     resolve_resume,
@@ -72,6 +73,7 @@ class SyntheticSetDistiller:
 
     progress_name = "distill"  # the progress bar's label
     config_file = "config.json"  # the run's config, written to output_dir
+    output_files: tuple[str, ...] = ()  # other files a run writes into output_dir (besides checkpoints)
 
     def __init__(
         self,
@@ -309,10 +311,21 @@ class SyntheticSetDistiller:
         }
 
     # ================================================================== checkpoints
+    def owns_output(self, path: Path) -> bool:
+        """Whether ``path`` (an entry of ``output_dir``) was written by a run of this kind: what
+        ``--overwrite_output_dir`` may remove. Subclasses add their own files to ``output_files``."""
+        if is_checkpoint_dir(path) or path.name in (self.config_file, *self.output_files):
+            return True
+        if path.name == "synthetic":  # the set the command line saves next to the checkpoints
+            return (path / "mdm_synthetic.json").is_file()
+        return path.name == self.progress_name.lower() and path.is_dir()  # accelerate tracker logs
+
     def _prepare_output_dir(self) -> None:
         cfg = self.config
-        prepare_output_dir(cfg.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
-        self._wait_for_everyone()  # every rank has checked before any rank writes
+        prepare_output_dir(
+            cfg.output_dir, owned=self.owns_output, overwrite=cfg.overwrite_output_dir,
+            resuming=bool(cfg.resume_from_checkpoint), accelerator=self.accelerator,
+        )  # fmt: skip
 
     def _resolve_resume(self) -> Path | None:
         return resolve_resume(

@@ -38,27 +38,27 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .anchor import (
-    CaptionedImages,
-    ContrastiveObjective,
-    evaluate_recall,
-    prepare_output_dir,
-    run_contrastive_training,
-)
 from .bank import (
     BANK_FORMAT_VERSION,
     MANIFEST_NAME,
     anchor_fingerprint,
     bank_size_bytes,
+    owns_bank_entry,
     push_expert_bank,
     read_manifest,
     write_bank_card,
 )
-from .checkpointing import write_json_atomic
+from .checkpointing import prepare_output_dir, write_json_atomic
 from .config import DatasetArguments, check_values, optional_split, parse_dataclass_args
 from .config import config_field as _f
 from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
+from .training import (
+    CaptionedImages,
+    ContrastiveObjective,
+    evaluate_recall,
+    run_contrastive_training,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def train_expert_bank(
     previous = read_manifest(out) if config.resume and (out / MANIFEST_NAME).is_file() else None
     if previous is None:
         _clear_unfinished_experts(out, config.resume, acc)  # a first expert cut off leaves no manifest
-        prepare_output_dir(out, config.overwrite_output_dir, acc)
+        prepare_output_dir(out, owned=owns_bank_entry, overwrite=config.overwrite_output_dir, accelerator=acc)
     if anchor is None:
         anchor = DualEncoder.from_pretrained(
             config.model_name_or_path, config.revision, config.text_pooling, config.trust_remote_code

@@ -36,10 +36,10 @@ protocol trains on the pairs with plain InfoNCE and does not use them.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,22 +47,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import __version__
 from ..bank import (
     BANK_FORMAT_VERSION,
     MANIFEST_NAME,
     anchor_fingerprint,
     check_anchor,
+    owns_bank_entry,
     read_manifest,
     resolve_bank_dir,
 )
+from ..checkpointing import prepare_output_dir
 from ..config import DatasetArguments, DistillRunArguments, check_values, optional_split, parse_dataclass_args
 from ..config import config_field as _f
-from ..data import load_split
+from ..data import cached_text_features, load_split, preprocess_split_images
 from ..distill_loop import SyntheticSetDistiller, ValidationFn
 from ..experts import full_finetune_parameters
 from ..models import DualEncoder
+from ..training import CaptionedImages, ContrastiveObjective, evaluate_recall
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +287,6 @@ def _grads(
 def _math_attention():
     """Scaled-dot-product attention from differentiable primitives: the fused CPU / CUDA kernels have no double
     backward, which the unrolled steps (gradients of gradients) need. Forward values are the same up to rounding."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
 
@@ -435,7 +442,6 @@ class TrajectoryBuffer:
         revision: str | None = None,
         cache: bool = True,
     ) -> None:
-        from safetensors import safe_open
 
         self.directory = resolve_bank_dir(bank_dir, revision)
         manifest = read_manifest(self.directory)
@@ -508,7 +514,6 @@ class TrajectoryBuffer:
         key = (expert, epoch)
         if key in self._cache:
             return self._cache[key]
-        from safetensors.torch import load_file
 
         tensors = load_file(str(self._paths[expert][epoch - 1]))
         out = {n: tensors[n].float() for n in self.names}
@@ -547,20 +552,8 @@ def record_trajectory_buffer(
     :func:`mdm_hf.bank.load_expert_bank` both read. ``validation`` = ``(pixels, text_features,
     caption_to_image)`` adds per-epoch recall@1 to the manifest. Single process.
     """
-    import copy
 
-    from safetensors.torch import save_file
-
-    from .. import __version__
-    from ..anchor import CaptionedImages, ContrastiveObjective, evaluate_recall
-    from ..data import cached_text_features, preprocess_split_images
-
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"'{out}' is not empty; pass overwrite=True or choose another directory.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(output_dir, owned=owns_bank_entry, overwrite=overwrite)
     if num_experts < 1 or num_epochs < 1 or learning_rate <= 0 or batch_size < 1:
         raise ValueError("num_experts, num_epochs and batch_size must be >= 1 and learning_rate > 0.")
     device = next(anchor.model.parameters()).device
@@ -791,7 +784,6 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         self, params: Mapping[str, torch.Tensor], pixels: torch.Tensor, text_features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_v, z_t)`` of the teacher with its trained tensors replaced by ``params`` (``functional_call``)."""
-        from torch.func import functional_call
 
         return functional_call(
             self.teacher, {f"model.{n}": p for n, p in params.items()}, (pixels, text_features)
@@ -881,6 +873,7 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
     # ================================================================== loop hooks
     progress_name = "TM"
     config_file = "tm_config.json"
+    output_files = (EXTRAS_FILE,)
 
     def _after_loop(self) -> None:
         self.save_extras(Path(self.config.output_dir) / EXTRAS_FILE)
@@ -888,7 +881,6 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
     # ================================================================== output
     def provenance(self) -> dict:
         """Where the set came from: ids, the buffer, the full config, the learned step sizes, library versions."""
-        from .. import __version__
 
         cfg = self.config
         lors = cfg.similarity != "none"
@@ -904,7 +896,6 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
 
     def save_extras(self, path: str | os.PathLike) -> Path:
         """LoRS' by-products the common student protocol does not use: the learned step sizes and similarity."""
-        from safetensors.torch import save_file
 
         tensors = {f"syn_lr.{g}": v.detach().cpu().reshape(1) for g, v in self.syn_lrs.items()}
         if self.similarity is not None:
@@ -961,7 +952,6 @@ class TrajectoryBufferConfig(DatasetArguments):
 
 def buffer_main(argv: Sequence[str] | None = None) -> int:
     """``mdm-hf tm-buffer --model_name_or_path ... --dataset_name ... --output_dir buffer/``."""
-    from ..data import cached_text_features, preprocess_split_images
 
     config = parse_dataclass_args(TrajectoryBufferConfig, argv, prog="mdm-hf tm-buffer")
     anchor = DualEncoder.from_pretrained(
