@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .checkpointing import prepare_output_dir
-from .config import DatasetArguments, optional_split, parse_dataclass_args
+from .config import DatasetArguments, optional_split
 from .config import config_field as _f
 from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
@@ -315,14 +314,3 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
         (out / ANCHOR_RECORD).write_text(json.dumps(record, indent=2))
     acc.wait_for_everyone()
     return AnchorPretrainingResult(out, initial, final, losses, [h.get("validation") for h in history])
-
-
-def anchor_main(argv: Sequence[str] | None = None) -> int:
-    """``mdm-hf anchor --config file.yaml [--field value ...]``: pre-train an anchor dual encoder."""
-
-    config = parse_dataclass_args(AnchorPretrainingConfig, argv, prog="mdm-hf anchor")
-    result = pretrain_anchor(config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"Anchor saved to {result.output_dir} (loss on fixed batches {result.initial_loss:.4f} -> "
-              f"{result.final_loss:.4f}). Use it with --model_name_or_path {result.output_dir}.")  # fmt: skip
-    return 0

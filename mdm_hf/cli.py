@@ -17,13 +17,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import parse_dataclass_args
+from accelerate import PartialState
+
+from .anchor import AnchorPretrainingConfig, pretrain_anchor
+from .bank import bank_size_bytes, push_expert_bank
+from .config import MDMConfig, parse_dataclass_args
+from .distill import MDMDistiller
+from .emojicaps import build_emojicaps, default_emojicaps_dir
+from .experts import ExpertTrainingConfig, train_expert_bank
 
 
-def _distill(argv: Sequence[str]) -> int:
-    from .config import MDMConfig
-    from .distill import MDMDistiller
-
+def distill_main(argv: Sequence[str]) -> int:
     config = parse_dataclass_args(MDMConfig, argv, prog="mdm-hf distill")
     synthetic = MDMDistiller(config).distill()
     out = f"{config.output_dir}/synthetic"
@@ -35,16 +39,26 @@ def _distill(argv: Sequence[str]) -> int:
     return 0
 
 
-def _experts(argv: Sequence[str]) -> int:
-    from .experts import experts_main
+def experts_main(argv: Sequence[str]) -> int:
+    """``mdm-hf experts --config file.yaml [--field value ...]``: train a bank, optionally push it."""
+    config = parse_dataclass_args(ExpertTrainingConfig, argv, prog="mdm-hf experts")
+    bank = train_expert_bank(config)
+    if PartialState().is_main_process:
+        print(f"Expert bank ({config.num_experts} experts x {config.num_epochs} epochs, {config.kind}) written to "
+              f"{bank} ({bank_size_bytes(bank) / 2**20:.1f} MiB). Use it with --expert_bank {bank}.")  # fmt: skip
+        if config.push_to_hub:
+            print(f"Pushed to {push_expert_bank(bank, config.hub_model_id, private=config.hub_private)}")
+    return 0
 
-    return experts_main(argv)
 
-
-def _anchor(argv: Sequence[str]) -> int:
-    from .anchor import anchor_main
-
-    return anchor_main(argv)
+def anchor_main(argv: Sequence[str]) -> int:
+    """``mdm-hf anchor --config file.yaml [--field value ...]``: pre-train an anchor dual encoder."""
+    config = parse_dataclass_args(AnchorPretrainingConfig, argv, prog="mdm-hf anchor")
+    result = pretrain_anchor(config)
+    if PartialState().is_main_process:
+        print(f"Anchor saved to {result.output_dir} (loss on fixed batches {result.initial_loss:.4f} -> "
+              f"{result.final_loss:.4f}). Use it with --model_name_or_path {result.output_dir}.")  # fmt: skip
+    return 0
 
 
 def _evaluate(argv: Sequence[str]) -> int:
@@ -53,7 +67,7 @@ def _evaluate(argv: Sequence[str]) -> int:
     return evaluate_main(argv)
 
 
-def _data(argv: Sequence[str]) -> int:
+def data_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="mdm-hf data", description="Build datasets offline.")
     sub = parser.add_subparsers(dest="dataset", required=True)
     emoji = sub.add_parser("emojicaps", help="EmojiCaps: Twemoji/OpenMoji art captioned with emoji names.")
@@ -62,8 +76,6 @@ def _data(argv: Sequence[str]) -> int:
     emoji.add_argument("--seed", type=int, default=0)
     emoji.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    from .emojicaps import build_emojicaps, default_emojicaps_dir
-
     out = args.output_dir or default_emojicaps_dir(args.image_size)
     path = build_emojicaps(out, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite)
     print(f"EmojiCaps is in {path}; open it with datasets.load_dataset('{path}').")
@@ -89,11 +101,11 @@ def _demo(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {
-    "distill": (_distill, "Distill a dataset into synthetic pairs with MDM."),
-    "experts": (_experts, "Train LoRA (or full) experts from an anchor into an expert bank."),
-    "anchor": (_anchor, "Pre-train a small dual-encoder anchor (vision tower + frozen text encoder)."),
+    "distill": (distill_main, "Distill a dataset into synthetic pairs with MDM."),
+    "experts": (experts_main, "Train LoRA (or full) experts from an anchor into an expert bank."),
+    "anchor": (anchor_main, "Pre-train a small dual-encoder anchor (vision tower + frozen text encoder)."),
     "evaluate": (_evaluate, "Train students on a synthetic set or coresets; validation-selected, test once."),
-    "data": (_data, "Build a dataset offline (emojicaps)."),
+    "data": (data_main, "Build a dataset offline (emojicaps)."),
     "tm": (_tm, "Baseline: distill with trajectory matching (MTT-VL / LoRS style) for comparisons."),
     "tm-buffer": (_tm_buffer, "Baseline: record the SGD expert trajectories that `mdm-hf tm` matches."),
     "demo": (_demo, "The whole pipeline offline on EmojiCaps: anchor, experts, MDM, students, card."),

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
@@ -42,14 +42,12 @@ from .bank import (
     BANK_FORMAT_VERSION,
     MANIFEST_NAME,
     anchor_fingerprint,
-    bank_size_bytes,
     owns_bank_entry,
-    push_expert_bank,
     read_manifest,
     write_bank_card,
 )
 from .checkpointing import prepare_output_dir, write_json_atomic
-from .config import DatasetArguments, check_values, optional_split, parse_dataclass_args
+from .config import DatasetArguments, ModelArguments, check_values, optional_split
 from .config import config_field as _f
 from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
@@ -69,7 +67,7 @@ PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip"
 
 # ============================================================================================== configuration
 @dataclass
-class ExpertTrainingConfig(DatasetArguments):
+class ExpertTrainingConfig(ModelArguments, DatasetArguments):
     """How to fine-tune the experts of a bank. Field help doubles as ``--help`` of ``mdm-hf experts``.
 
     LoRA goes on the vision tower's attention projections (``target_modules``, scoped to ``vision_model``'s encoder
@@ -77,14 +75,9 @@ class ExpertTrainingConfig(DatasetArguments):
     stay frozen, so the experts differ from the anchor exactly where MDM merges them.
     """
 
-    # ---- anchor and data
-    model_name_or_path: str = _f(
-        "openai/clip-vit-base-patch32", "Hub id or local dir of the anchor dual encoder."
-    )
-    revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
-    text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
-    trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub.")
-    # data: the DatasetArguments fields (train_split: what the experts are fine-tuned on), and
+    # ---- anchor: the ModelArguments fields; data: the DatasetArguments fields (train_split: what the experts are
+    # fine-tuned on), and
+    revision: str | None = _f(None, "Deprecated alias of --model_revision.")
     validation_split: str | None = _f(
         "validation", "Split for the per-epoch recall in the manifest (None: skip)."
     )
@@ -141,6 +134,13 @@ class ExpertTrainingConfig(DatasetArguments):
     hub_private: bool | None = _f(None, "Create the Hub repo as private.")
 
     def __post_init__(self) -> None:
+        if self.revision is not None:  # deprecated spelling: one name per concept across commands
+            if self.model_revision not in (None, self.revision):
+                raise ValueError(
+                    "Give the anchor's revision once, as --model_revision (--revision is deprecated)."
+                )
+            logger.warning("--revision is deprecated; use --model_revision.")
+            self.model_revision, self.revision = self.revision, None
         self.validation_split = optional_split(self.validation_split)
         checks = {
             "num_experts": self.num_experts >= 1,
@@ -326,7 +326,7 @@ def train_expert_bank(
         prepare_output_dir(out, owned=owns_bank_entry, overwrite=config.overwrite_output_dir, accelerator=acc)
     if anchor is None:
         anchor = DualEncoder.from_pretrained(
-            config.model_name_or_path, config.revision, config.text_pooling, config.trust_remote_code
+            config.model_name_or_path, config.model_revision, config.text_pooling, config.trust_remote_code
         )
     anchor.requires_grad_(False)
     train = load_split(config)
@@ -441,15 +441,3 @@ def _resumable_experts(previous: dict, manifest: dict, config: ExpertTrainingCon
 
 
 # ============================================================================================== CLI
-def experts_main(argv: Sequence[str] | None = None) -> int:
-    """``mdm-hf experts --config file.yaml [--field value ...]``: train a bank, optionally push it."""
-
-    config = parse_dataclass_args(ExpertTrainingConfig, argv, prog="mdm-hf experts")
-    bank = train_expert_bank(config)
-
-    if PartialState().is_main_process:
-        print(f"Expert bank ({config.num_experts} experts x {config.num_epochs} epochs, {config.kind}) written to "
-              f"{bank} ({bank_size_bytes(bank) / 2**20:.1f} MiB). Use it with --expert_bank {bank}.")  # fmt: skip
-        if config.push_to_hub:
-            print(f"Pushed to {push_expert_bank(bank, config.hub_model_id, private=config.hub_private)}")
-    return 0

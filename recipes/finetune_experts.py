@@ -10,7 +10,7 @@ distiller with ``--expert_bank <output_dir>`` or push it with ``--push_to_hub --
 
 import sys
 
-from mdm_hf.experts import experts_main
+from mdm_hf.cli import experts_main
 
 if __name__ == "__main__":
     sys.exit(experts_main(sys.argv[1:]))

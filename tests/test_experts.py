@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from mdm_hf import testing
 from mdm_hf.bank import check_anchor, load_expert_bank, lora_epoch_deltas, push_expert_bank, read_manifest
-from mdm_hf.experts import ExpertTrainingConfig, experts_main, lora_target_regex
+from mdm_hf.cli import experts_main
+from mdm_hf.experts import ExpertTrainingConfig, lora_target_regex
 from mdm_hf.models import DualEncoder
 
 RECIPE_CONFIG = Path(__file__).parents[1] / "recipes" / "configs" / "experts_tiny.yaml"
