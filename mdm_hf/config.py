@@ -1,4 +1,4 @@
-"""Configuration of an MDM distillation run (MDM.md §4 reference defaults), YAML- and HfArgumentParser-friendly."""
+"""Configuration of an MDM distillation run (docs/method.md §4 reference defaults), YAML- and HfArgumentParser-friendly."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ class DistillRunArguments(DatasetArguments):
 class MDMConfig(ModelArguments, DistillRunArguments):
     """Everything that defines an MDM run. Field help doubles as ``--help`` text of ``recipes/distill.py``.
 
-    Defaults follow the paper's reference run (MDM.md §4) where it states one; ``lr_pixels``/``lr_text`` use the
+    Defaults follow the paper's reference run (docs/method.md §4) where it states one; ``lr_pixels``/``lr_text`` use the
     reference's library default (100; its run script uses 1000). The dataset fields come from
     :class:`DatasetArguments`, the budget, loop, validation and checkpoint fields from :class:`DistillRunArguments`.
     """
@@ -189,7 +189,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     # ---- synthetic set (its size: num_pairs)
     init: str = _f("kmeans", "Initialisation: kmeans (joint space, MDM §1) | random | herding | kcenter.")
 
-    # ---- optimisation (MDM.md §4)
+    # ---- optimisation (docs/method.md §4)
     real_batch_size: int = _f(256, "Real pairs per iteration (global, split across processes).")
     syn_batch_size: int = _f(64, "Synthetic pairs per iteration.")
     optimizer: str = _f("sgd", "sgd (momentum) | adam.")
@@ -200,7 +200,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     adam_beta2: float = _f(0.999, "Adam beta2 (optimizer=adam).")
     max_grad_norm: float | None = _f(1.0, "Clip the joint gradient norm of pixels and text features.")
 
-    # ---- loss (MDM.md §3)
+    # ---- loss (docs/method.md §3)
     lambda_contrastive: float = _f(
         1.0, "Weight of the symmetric InfoNCE (or sigmoid) loss on synthetic pairs."
     )

@@ -10,7 +10,7 @@ Recognised without flags:
 Explicit ``image_column`` / ``caption_column`` / ``split_column`` always win. Every caption of an image is a pair;
 ``caption_to_image`` keeps which captions belong to which image so retrieval can score them.
 
-The frozen text features ``e = E_t(c)`` (MDM.md, "Notation") depend only on the text tower and the captions, so
+The frozen text features ``e = E_t(c)`` (docs/method.md, "Notation") depend only on the text tower and the captions, so
 they are computed once and cached on disk under a key of model id + revision + pooling + dataset fingerprint.
 """
 

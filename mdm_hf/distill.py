@@ -1,4 +1,4 @@
-"""MDMDistiller: the distillation loop of MDM (arXiv 2605.23482, §4 of MDM.md) on ``accelerate``.
+"""MDMDistiller: the distillation loop of MDM (arXiv 2605.23482, docs/method.md §4) on ``accelerate``.
 
 Per iteration:
 
@@ -262,7 +262,7 @@ class MDMDistiller(SyntheticSetDistiller):
         return float(self._matching_loss(real_zv, real_zt, syn_zv, syn_zt).loss)
 
     def _matching_loss(self, real_zv, real_zt, syn_zv, syn_zt):
-        """MDM.md §3 under the installed teacher (its own scale and bias for the SigLIP sigmoid loss)."""
+        """docs/method.md §3 under the installed teacher (its own scale and bias for the SigLIP sigmoid loss)."""
         scale, bias = self.teacher.logit_scale, self.teacher.logit_bias
         return self.loss_fn(real_zv, real_zt, syn_zv, syn_zt, logit_scale=scale, logit_bias=bias)
 

@@ -1,6 +1,6 @@
 """Experts for MDM's mixed teacher: LoRA (or full) fine-tunes of one anchor, kept per epoch in an *expert bank*.
 
-MDM (arXiv 2605.23482, MDM.md §2) merges, per distillation iteration, k experts -- models fine-tuned independently
+MDM (arXiv 2605.23482, docs/method.md §2) merges, per distillation iteration, k experts -- models fine-tuned independently
 (different seeds / data order) from the same pretrained anchor ``w0``, each kept at several epochs. Here an expert
 is a ``peft`` LoRA adapter on the **vision tower** with the projections trained in full (``modules_to_save``) and
 the text tower frozen, so a whole bank is megabytes instead of the peers' full-weight trajectory buffers.

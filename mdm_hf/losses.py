@@ -1,4 +1,4 @@
-"""MDM's loss level: geometry-aware matching on the hypersphere (MDM, arXiv 2605.23482, MDM.md §3).
+"""MDM's loss level: geometry-aware matching on the hypersphere (MDM, arXiv 2605.23482, docs/method.md §3).
 
 Pure ``torch`` functions that work for any batch sizes, plus :class:`MDMLoss`, the full objective
 
@@ -88,7 +88,7 @@ def geodesic_kernel_energy(
 ) -> torch.Tensor:
     """Geodesic kernel energy between point sets ``a`` [m, d] and ``b`` [n, d] (rows normalised inside); a scalar.
 
-    ``GKE = sqrt(mean k(A, A) + mean k(B, B) − 2 mean k(A, B) + 1e-12)`` (MDM.md §3).
+    ``GKE = sqrt(mean k(A, A) + mean k(B, B) − 2 mean k(A, B) + 1e-12)`` (docs/method.md §3).
 
     The within-set means run over all ``m²`` / ``n²`` pairs, **including the diagonal** (the V-statistic; the
     reference code uses off-diagonal means). With the diagonal, ``GKE(A, A) = 0`` exactly up to the ``1e-12``,
@@ -171,7 +171,7 @@ class MDMLossOutput:
 
 
 class MDMLoss(torch.nn.Module):
-    """``L = λ_nce · InfoNCE_sym(S) + λ_agr · GKE(U_R, U_S) + λ_dis · GKE(G_R, G_S)`` (MDM.md §3).
+    """``L = λ_nce · InfoNCE_sym(S) + λ_agr · GKE(U_R, U_S) + λ_dis · GKE(G_R, G_S)`` (docs/method.md §3).
 
     Args:
         lambda_contrastive, lambda_agreement, lambda_discrepancy: the weights (≥ 0; a zero weight skips the term

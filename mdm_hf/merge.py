@@ -1,4 +1,4 @@
-"""MDM's model level: the mixed teacher, by Model Stock interpolation of expert checkpoints (MDM.md §2).
+"""MDM's model level: the mixed teacher, by Model Stock interpolation of expert checkpoints (docs/method.md §2).
 
 Per distillation iteration MDM (arXiv 2605.23482) draws ``k`` expert checkpoints -- fine-tunes of one anchor
 ``w0`` -- and merges them tensor by tensor with Model Stock (Jang et al., ECCV 2024, arXiv 2403.19522)::

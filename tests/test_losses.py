@@ -1,4 +1,4 @@
-"""Loss level (MDM.md §3): every formula against a brute-force Python loop or a hand-worked case."""
+"""Loss level (docs/method.md §3): every formula against a brute-force Python loop or a hand-worked case."""
 
 import math
 

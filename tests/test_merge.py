@@ -1,4 +1,4 @@
-"""Model level (MDM.md §2): Model Stock against hand-worked closed forms; LoRA offsets; the expert bank."""
+"""Model level (docs/method.md §2): Model Stock against hand-worked closed forms; LoRA offsets; the expert bank."""
 
 import itertools
 import math
