@@ -86,6 +86,9 @@ class DatasetArguments:
         None, "Directory that relative image paths in the dataset are resolved against (Karpathy filepath)."
     )
     max_train_images: int | None = _f(None, "Use only the first N train images (quick runs).")
+    skip_empty_captions: bool = _f(
+        False, "Leave empty captions out (counted in the log) instead of refusing a dataset that has them."
+    )
     max_cached_images: int = _f(20000, "Preprocess all images of a split once when it has at most this many.")
     cache_dir: str | None = _f(None, "Cache for text features (default $MDM_HF_HOME or ~/.cache/mdm_hf).")
 

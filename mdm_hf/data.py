@@ -17,13 +17,16 @@ they are computed once and cached on disk under a key of model id + revision + p
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 from PIL import Image
 
@@ -47,6 +50,51 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MDM_HF_HOME", Path.home() / ".cache" / "mdm_hf"))
 
 
+class DataError(ValueError):
+    """A row of the user's dataset cannot be used (unreadable image, empty or malformed caption); names the row."""
+
+
+# PIL modes whose pixels are not 8-bit: 16-bit integer greyscale and 32-bit int / float greyscale.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, faithfully: ``convert("RGB")`` alone clips 16-bit greyscale to white and drops
+    alpha (showing whatever colour hides under transparent pixels).
+
+    16-bit greyscale is scaled by 255 / 65535; 32-bit integer greyscale likewise when its values exceed 255; float
+    greyscale is read as [0, 1] when its maximum is at most 1, else as [0, 255]. Transparency (alpha channel or a
+    palette / greyscale transparency key) is composited onto white, the usual background of line art and icons.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values * (255.0 / 65535.0)
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        return grey.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(value, image_root: str | None = None) -> Image.Image:
+    """A cell of an image column -> 8-bit RGB: a PIL image, a path (relative to ``image_root``) or an undecoded
+    ``{"bytes", "path"}`` dict."""
+    if isinstance(value, str):
+        value = Image.open(Path(image_root or ".") / value)
+    elif isinstance(value, dict):  # undecoded Image feature
+        value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    if not isinstance(value, Image.Image):
+        raise TypeError(f"expected an image, a path or image bytes, got {type(value).__name__}")
+    return to_rgb(value)
+
+
 @dataclass
 class ImageCaptionSplit:
     """One split of an image-caption dataset, flattened to pairs.
@@ -63,7 +111,7 @@ class ImageCaptionSplit:
     fingerprint: str
     license: str | None = None
     image_root: str | None = None
-    _decoded: dict = field(default_factory=dict, repr=False)
+    row_ids: list[int] | None = None  # row of each image in the source split (before a split-column filter)
 
     @property
     def num_images(self) -> int:
@@ -74,24 +122,16 @@ class ImageCaptionSplit:
         return len(self.captions)
 
     def image(self, index: int) -> Image.Image:
-        """Image ``index`` as RGB. An unreadable image raises a ``ValueError`` naming its index."""
+        """Image ``index`` as 8-bit RGB (:func:`to_rgb`). An unreadable image raises :class:`DataError` naming its
+        row in the source dataset."""
         try:
-            value = self.dataset[int(index)][self.image_column]
-            if isinstance(value, str):
-                value = Image.open(Path(self.image_root or ".") / value)
-            elif isinstance(value, dict):  # undecoded Image feature: {"bytes": ..., "path": ...}
-                import io
-
-                value = (
-                    Image.open(io.BytesIO(value["bytes"]))
-                    if value.get("bytes")
-                    else Image.open(value["path"])
-                )
-            return value.convert("RGB")
-        except Exception as err:  # noqa: BLE001 - any decode failure is reported with the index
-            raise ValueError(
-                f"Image {index} of {self.name} [{self.split}] could not be read ({type(err).__name__}: {err}). "
-                "Remove or fix that row (e.g. dataset.filter) and try again."
+            return decode_image(self.dataset[int(index)][self.image_column], self.image_root)
+        except Exception as err:  # noqa: BLE001 - any decode failure is reported with the row
+            row = self.row_ids[int(index)] if self.row_ids is not None else int(index)
+            raise DataError(
+                f"The image in row {row} of {self.name} (split '{self.split}', column '{self.image_column}') could "
+                f"not be read ({type(err).__name__}: {err}). Remove or fix that row (e.g. dataset.filter) and run "
+                "again."
             ) from err
 
     def images(self, indices: Sequence[int]) -> list[Image.Image]:
@@ -118,6 +158,7 @@ class ImageCaptionSplit:
             fingerprint=_hash(self.fingerprint, image_indices),
             license=self.license,
             image_root=self.image_root,
+            row_ids=[self.row_ids[i] for i in image_indices] if self.row_ids is not None else image_indices,
         )
 
 
@@ -129,8 +170,6 @@ def _hash(*parts) -> str:
 
 
 def _load_raw(name_or_path: str, revision: str | None, streaming: bool, data_dir: str | None):
-    import datasets
-
     try:
         return datasets.load_dataset(name_or_path, revision=revision, streaming=streaming, data_dir=data_dir)
     except (ConnectionError, OSError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
@@ -162,47 +201,25 @@ def _caption_list(value, row: int, column: str) -> list[str]:
         return [value]
     if isinstance(value, (list, tuple)):
         out = []
-        for v in value:
+        for k, v in enumerate(value):
             if isinstance(v, dict) and isinstance(v.get("raw"), str):
                 out.append(v["raw"])
             elif isinstance(v, str):
                 out.append(v)
             else:
-                break
-        else:
-            return out
-    raise ValueError(
+                raise DataError(
+                    f"Caption column '{column}' holds a list at row {row} whose item {k} is {type(v).__name__}, "
+                    "not a string. Fix that row or point --caption_column at the column with the captions."
+                )
+        return out
+    raise DataError(
         f"Caption column '{column}' holds {type(value).__name__} at row {row}; expected a string or a list of "
         "strings. Point --caption_column at the column with the captions."
     )
 
 
-def load_image_caption_dataset(
-    name_or_path: str,
-    split: str = "train",
-    *,
-    revision: str | None = None,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    split_column: str | None = None,
-    image_root: str | None = None,
-    data_dir: str | None = None,
-    streaming: bool = False,
-    max_images: int | None = None,
-) -> ImageCaptionSplit:
-    """Load one split of an image-caption dataset (Hub id or local directory) through ``load_dataset``.
-
-    Args:
-        name_or_path: Hub dataset id or a local directory in the Hub layout (parquet, imagefolder, ...).
-        split: ``"train"``, ``"validation"`` or ``"test"`` (aliases such as ``val`` / ``restval`` are understood),
-            looked up among the Hub splits first and then in a split column.
-        image_column / caption_column / split_column: explicit column names; they always win.
-        image_root: directory that relative image paths are resolved against when images are stored as paths.
-        streaming: stream the dataset and materialise the split (a full pass is needed to flatten captions).
-        max_images: keep only the first N images of the split (quick runs).
-    """
-    import datasets
-
+def _open_split(name_or_path, split, revision, split_column, data_dir, streaming, max_images):
+    """The rows of ``split`` as a ``datasets.Dataset``, with their row numbers in the source split."""
     try:
         raw = _load_raw(name_or_path, revision, streaming, data_dir)
     except ValueError as err:
@@ -230,27 +247,30 @@ def load_image_caption_dataset(
             )
     ds = raw[chosen]
     if streaming:
-        rows = []
-        for row in ds:
+        rows, row_ids = [], []
+        for i, row in enumerate(ds):
             if split_col is None or row[split_col] in aliases:
                 rows.append(row)
+                row_ids.append(i)
             if max_images is not None and len(rows) >= max_images:
                 break
-        if not rows:  # from_list([]) cannot carry the features; report the empty split itself
-            raise ValueError(
-                f"Split '{split}' of {name_or_path} is empty. Check --split / --split_column or choose another split."
-            )
-        ds = datasets.Dataset.from_list(rows, features=ds.features)
+        ds = datasets.Dataset.from_list(rows, features=ds.features) if rows else None
     elif split_col is not None:
-        ds = ds.select([i for i, v in enumerate(ds[split_col]) if v in aliases])
-
-    if max_images is not None:
-        ds = ds.select(range(min(max_images, len(ds))))
-    if len(ds) == 0:
+        row_ids = [i for i, v in enumerate(ds[split_col]) if v in aliases]
+        ds = ds.select(row_ids)
+    else:
+        row_ids = list(range(len(ds)))
+    if ds is not None and max_images is not None:
+        ds, row_ids = ds.select(range(min(max_images, len(ds)))), row_ids[:max_images]
+    if ds is None or len(ds) == 0:  # from_list([]) cannot carry the features: report the empty split itself
         raise ValueError(
             f"Split '{split}' of {name_or_path} is empty. Check --split / --split_column or choose another split."
         )
+    return ds, row_ids, chosen, columns
 
+
+def _image_column(ds, columns: list[str], image_column: str | None, name_or_path: str):
+    """The image column (explicit, typed ``Image``, or a conventional name); Karpathy paths become one column."""
     img_col = _pick_column(columns, image_column, (), "image", "image_column")
     if img_col is None:
         img_col = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
@@ -267,39 +287,85 @@ def load_image_caption_dataset(
             f"No image column found in {name_or_path}. Columns: {columns}. Set --image_column to the column "
             "holding images (or image paths together with --image_root)."
         )
+    return ds, img_col
+
+
+def _flatten_captions(cells, row_ids: list[int], column: str, skip_empty: bool):
+    """Caption cells -> (captions, owner image per caption, images kept). An empty caption names its row, or is
+    skipped (with a count in the log) when ``skip_empty``; an image left without a caption is then dropped."""
+    captions, owners, kept, skipped = [], [], [], 0
+    for i, cell in enumerate(cells):
+        caps = _caption_list(cell, row_ids[i], column)
+        empty = [k for k, c in enumerate(caps) if not c.strip()]
+        if empty and not skip_empty:
+            raise DataError(
+                f"Caption {empty[0]} of row {row_ids[i]} in column '{column}' is empty. Fix the dataset, or pass "
+                "--skip_empty_captions true to leave empty captions out (they are counted in the log)."
+            )
+        caps = [c for c in caps if c.strip()]
+        skipped += len(empty)
+        if caps:
+            captions.extend(caps)
+            owners.extend([len(kept)] * len(caps))
+            kept.append(i)
+    if skipped:
+        logger.warning(
+            "Left out %d empty caption(s) in column '%s' (--skip_empty_captions); %d image(s) without any caption "
+            "were dropped.", skipped, column, len(cells) - len(kept),
+        )  # fmt: skip
+    return captions, owners, kept
+
+
+def load_image_caption_dataset(
+    name_or_path: str,
+    split: str = "train",
+    *,
+    revision: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    split_column: str | None = None,
+    image_root: str | None = None,
+    data_dir: str | None = None,
+    streaming: bool = False,
+    max_images: int | None = None,
+    skip_empty_captions: bool = False,
+) -> ImageCaptionSplit:
+    """Load one split of an image-caption dataset (Hub id or local directory) through ``load_dataset``.
+
+    Args:
+        name_or_path: Hub dataset id or a local directory in the Hub layout (parquet, imagefolder, ...).
+        split: ``"train"``, ``"validation"`` or ``"test"`` (aliases such as ``val`` / ``restval`` are understood),
+            looked up among the Hub splits first and then in a split column.
+        image_column / caption_column / split_column: explicit column names; they always win.
+        image_root: directory that relative image paths are resolved against when images are stored as paths.
+        streaming: stream the dataset and materialise the split (a full pass is needed to flatten captions).
+        max_images: keep only the first N images of the split (quick runs).
+        skip_empty_captions: leave empty captions out (counted in the log) instead of refusing the dataset.
+    """
+    ds, row_ids, chosen, columns = _open_split(
+        name_or_path, split, revision, split_column, data_dir, streaming, max_images
+    )
+    ds, img_col = _image_column(ds, columns, image_column, name_or_path)
     cap_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", "caption_column")
     if cap_col is None:
         raise ValueError(
             f"No caption column found in {name_or_path}. Columns: {columns}. Set --caption_column to the column "
             "holding a caption string or a list of captions."
         )
-
-    captions, owners = [], []
-    for i, cell in enumerate(ds[cap_col]):
-        caps = _caption_list(cell, i, cap_col)
-        captions.extend(caps)
-        owners.extend([i] * len(caps))
+    captions, owners, kept = _flatten_captions(ds[cap_col], row_ids, cap_col, skip_empty_captions)
     if not captions:
-        raise ValueError(f"Split '{split}' of {name_or_path} has images but no captions in '{cap_col}'.")
-
-    info_license = None
+        raise DataError(f"Split '{split}' of {name_or_path} has images but no captions in '{cap_col}'.")
+    if len(kept) < len(ds):
+        ds, row_ids = ds.select(kept), [row_ids[i] for i in kept]
     info = getattr(ds, "info", None)
-    if info is not None and getattr(info, "license", None):
-        info_license = info.license
     fingerprint = _hash(
         name_or_path, revision, chosen, split, getattr(ds, "_fingerprint", None), len(captions)
     )
     return ImageCaptionSplit(
-        dataset=ds,
-        image_column=img_col,
-        captions=captions,
-        caption_to_image=torch.tensor(owners, dtype=torch.long),
-        name=name_or_path,
-        split=split,
-        fingerprint=fingerprint,
-        license=info_license,
-        image_root=image_root,
-    )
+        dataset=ds, image_column=img_col, captions=captions, caption_to_image=torch.tensor(owners, dtype=torch.long),
+        name=name_or_path, split=split, fingerprint=fingerprint, license=getattr(info, "license", None) or None,
+        image_root=image_root, row_ids=row_ids,
+    )  # fmt: skip
 
 
 def load_split(
@@ -312,7 +378,7 @@ def load_split(
     return load_image_caption_dataset(
         args.dataset_name, split, revision=args.dataset_revision, image_column=args.image_column,
         caption_column=args.caption_column, split_column=args.split_column, image_root=args.image_root,
-        max_images=max_images,
+        max_images=max_images, skip_empty_captions=args.skip_empty_captions,
     )  # fmt: skip
 
 

@@ -18,11 +18,13 @@ from PIL import Image
 
 from mdm_hf import testing
 from mdm_hf.data import (
+    DataError,
     PairDataset,
     cached_text_features,
     load_image_caption_dataset,
     load_split,
     preprocess_split_images,
+    to_rgb,
 )
 from mdm_hf.models import DualEncoder
 
@@ -265,13 +267,108 @@ def test_unreadable_image_names_its_index(tmp_path):
     )
     data = load_image_caption_dataset(path, "train")  # captions load without decoding any image
     assert data.image(1).size == (16, 16)
-    with pytest.raises(ValueError, match=r"Image 2 of .* could not be read"):
+    with pytest.raises(ValueError, match=r"image in row 2 of .* could not be read"):
         data.image(2)
     encoder = type(
         "E", (), {"preprocess_images": staticmethod(lambda imgs: torch.zeros(len(imgs), 3, 2, 2))}
     )()
-    with pytest.raises(ValueError, match="Image 2"):
+    with pytest.raises(ValueError, match="image in row 2"):
         preprocess_split_images(encoder, data)
+
+
+def test_a_broken_image_behind_a_split_filter_is_named_by_its_source_row(tmp_path):
+    good = io.BytesIO()
+    testing.toy_image("red", "square", 16).save(good, format="PNG")
+    ok, bad = {"bytes": good.getvalue(), "path": None}, {"bytes": b"not an image", "path": None}
+    path = write_parquet_dataset(  # Karpathy style: one Hub split, a split column; the broken row is row 3
+        tmp_path,
+        {
+            "image": [ok, ok, ok, bad],
+            "caption": ["a", "b", "c", "d"],
+            "split": ["train", "test", "test", "test"],
+        },
+        {"image": datasets.Image(), "caption": datasets.Value("string"), "split": datasets.Value("string")},
+    )
+    data = load_image_caption_dataset(path, "test")
+    assert data.num_images == 3 and data.row_ids == [1, 2, 3]
+    with pytest.raises(DataError, match="row 3 of"):  # not "row 2": the index after the filter
+        data.image(2)
+    assert data.subset([2]).row_ids == [3]
+
+
+def _modes_case(mode: str):
+    """An image of ``mode`` and the 8-bit RGB a viewer shows for its first pixel."""
+    if mode == "I;16":
+        return Image.new("I;16", (2, 2), 32896), (128, 128, 128)
+    if mode == "I":
+        return Image.new("I", (2, 2), 65535), (255, 255, 255)
+    if mode == "F":
+        return Image.new("F", (2, 2), 0.5), (128, 128, 128)
+    if mode == "RGBA":  # fully transparent red: the hidden colour must not show
+        return Image.new("RGBA", (2, 2), (255, 0, 0, 0)), (255, 255, 255)
+    if mode == "LA":  # half-transparent black on white
+        return Image.new("LA", (2, 2), (0, 128)), (127, 127, 127)
+    if mode == "P":  # palette with a transparency key on index 0 (drawn green)
+        image = Image.new("P", (2, 2), 0)
+        image.putpalette([0, 255, 0] + [0, 0, 0] * 255)
+        image.info["transparency"] = 0
+        return image, (255, 255, 255)
+    if mode == "L":
+        return Image.new("L", (2, 2), 77), (77, 77, 77)
+    if mode == "CMYK":
+        return Image.new("CMYK", (2, 2), (0, 0, 0, 0)), (255, 255, 255)
+    return Image.new("RGB", (2, 2), (1, 2, 3)), (1, 2, 3)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "LA", "P", "L", "CMYK", "RGB"])
+def test_every_pil_mode_decodes_to_what_a_viewer_shows(mode):
+    image, expected = _modes_case(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == pytest.approx(expected, abs=1)
+
+
+def test_a_16_bit_png_file_round_trips_through_the_loader(tmp_path):
+    buf = io.BytesIO()
+    Image.new("I;16", (4, 4), 16448).save(buf, format="PNG")
+    path = write_parquet_dataset(
+        tmp_path, {"image": [{"bytes": buf.getvalue(), "path": None}], "caption": ["a grey square"]},
+        {"image": datasets.Image(), "caption": datasets.Value("string")},
+    )  # fmt: skip
+    assert load_image_caption_dataset(path, "train").image(0).getpixel((0, 0)) == (64, 64, 64)  # not white
+
+
+@pytest.mark.parametrize("captions", [["a cat", ""], [["a cat", "  "], ["a dog"]]])
+def test_empty_captions_are_refused_with_their_row_or_skipped_on_request(tmp_path, captions):
+    feature = (
+        datasets.Value("string")
+        if isinstance(captions[0], str)
+        else datasets.Sequence(datasets.Value("string"))
+    )
+    buf = io.BytesIO()
+    testing.toy_image("red", "square", 8).save(buf, format="PNG")
+    cells = [{"bytes": buf.getvalue(), "path": None}] * 2
+    path = write_parquet_dataset(
+        tmp_path, {"image": cells, "caption": captions}, {"image": datasets.Image(), "caption": feature}
+    )
+    bad_row = 1 if isinstance(captions[0], str) else 0
+    with pytest.raises(DataError, match=f"of row {bad_row} .* is empty.*--skip_empty_captions"):
+        load_image_caption_dataset(path, "train")
+    data = load_image_caption_dataset(path, "train", skip_empty_captions=True)
+    assert all(c.strip() for c in data.captions)
+    assert data.num_captions == (1 if isinstance(captions[0], str) else 2)
+    assert int(data.caption_to_image.max()) == data.num_images - 1  # no image is left without a caption
+
+
+def test_a_caption_list_holding_none_names_row_and_item(tmp_path):
+    buf = io.BytesIO()
+    testing.toy_image("red", "square", 8).save(buf, format="PNG")
+    path = write_parquet_dataset(
+        tmp_path, {"image": [{"bytes": buf.getvalue(), "path": None}], "caption": [["a cat", None]]},
+        {"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))},
+    )  # fmt: skip
+    with pytest.raises(DataError, match="row 0 whose item 1 is NoneType"):
+        load_image_caption_dataset(path, "train")
 
 
 @pytest.mark.parametrize(
