@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -84,20 +84,63 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def resolve_resume(spec: str | None, output_dir: str | os.PathLike, marker: str) -> Path | None:
-    """``None`` | ``"latest"`` | a checkpoint directory -> the directory to resume from (or None)."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (torn or tampered with) or was made by a run with another config."""
+
+
+def resume_candidates(spec: str | None, output_dir: str | os.PathLike, marker: str) -> list[Path]:
+    """The checkpoints to try, in order, for ``--resume_from_checkpoint spec``: for ``"latest"`` every checkpoint of
+    ``output_dir``, newest first (a torn newest one falls back to the one before); else the one directory given.
+
+    Refuses (never silently starts over) when there is nothing to resume from.
+    """
     if not spec:
-        return None
+        return []
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            logger.warning("No checkpoint in %s; starting from scratch.", output_dir)
-            return None
-        return found[-1]
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: there is no checkpoint in '{output_dir}'. Drop the flag to start "
+                "a new run (add --overwrite_output_dir true to replace an earlier run's outputs there)."
+            )
+        return found[::-1]
     path = Path(spec)
     if not (path / marker).exists():
         raise FileNotFoundError(f"'{path}' is not a checkpoint of this kind of run (no {marker}).")
-    return path
+    return [path]
+
+
+def check_resume_config(saved: dict, current: dict, free: Sequence[str], checkpoint: Path) -> None:
+    """Refuse to resume when a field that changes the result differs between the checkpoint's run and this one.
+
+    ``free`` lists the fields that may change on resume (loop length, logging, saving, output paths).
+    """
+    differing = [
+        f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now"
+        for key in sorted(set(saved) & set(current))
+        if key not in free and saved[key] != current[key]
+    ]
+    if differing:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} was made by a run with other settings ({'; '.join(differing)}). Resume with "
+            "the same settings (only these may change: "
+            + ", ".join(sorted(free))
+            + "), or start a new run in "
+            "another --output_dir."
+        )
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk (directories: where the OS allows it)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_checkpoint(
@@ -111,8 +154,11 @@ def write_checkpoint(
     for name, tensors in files.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    for entry in (*tmp.iterdir(), tmp):  # on disk before the rename makes the checkpoint visible
+        _fsync(entry)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # a crash mid-write never corrupts the previous checkpoint
+    _fsync(path.parent)
     if keep:
         for old in list_checkpoints(path.parent)[:-keep]:
             if old != path:
@@ -126,17 +172,19 @@ def read_checkpoint(
     """``(synthetic tensors, loop state, optimiser state dict)`` of a checkpoint made for tensors of these shapes."""
 
     path = Path(path)
-    tensors = load_file(str(path / "synthetic.safetensors"))
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        tensors = load_file(str(path / "synthetic.safetensors"))
+        state = json.loads((path / STATE_FILE).read_text())
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as err:  # noqa: BLE001 - torn, truncated or missing: all mean "cannot resume from this one"
+        raise CheckpointError(f"Checkpoint {path} cannot be read ({type(err).__name__}: {err}).") from err
     if tensors["pixel_values"].shape != pixel_shape or tensors["text_features"].shape != text_shape:
-        raise ValueError(
+        raise CheckpointError(
             f"Checkpoint {path} holds tensors of shape {tuple(tensors['pixel_values'].shape)} / "
             f"{tuple(tensors['text_features'].shape)}, but this run expects {tuple(pixel_shape)} / "
             f"{tuple(text_shape)}. Resume with the config the checkpoint was made with."
         )
-    optimizer = unflatten_optimizer_state(
-        load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")
-    )
+    optimizer = unflatten_optimizer_state(opt_tensors, state.pop("optimizer"))
     return tensors, state, optimizer
 
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -129,6 +129,14 @@ class DistillRunArguments(DatasetArguments):
     resume_from_checkpoint: str | None = _f(None, "A checkpoint dir, or 'latest' to resume from output_dir.")
     logging_steps: int = _f(10, "Log losses and timings every N iterations.")
     seed: int = _f(0, "Seed of initialisation, teacher / trajectory draws and batch sampling.")
+
+    # Fields that may change when a run resumes from a checkpoint: they set how long it runs, what it logs and
+    # saves, and where -- never the result of the steps already taken. Any other difference refuses the resume.
+    resume_free_fields: ClassVar[tuple[str, ...]] = (
+        "max_steps", "eval_steps", "eval_on_start", "early_stopping_patience", "save_steps", "save_total_limit",
+        "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "cache_dir",
+        "max_cached_images", "report_to", "num_workers", "push_to_hub", "hub_dataset_id", "hub_private",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_values(self, {"num_pairs": self.num_pairs > 0, "max_steps": self.max_steps >= 0})

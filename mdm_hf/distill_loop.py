@@ -31,14 +31,23 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpointing import (
     CHECKPOINT_PREFIX,
+    CheckpointError,
+    check_resume_config,
     flatten_optimizer_state,
     is_checkpoint_dir,
     prepare_output_dir,
     read_checkpoint,
-    resolve_resume,
+    resume_candidates,
     write_checkpoint,
 )
-from .data import cached_text_features, embed_pairs, image_pixels, load_split, preprocess_split_images
+from .data import (
+    DataError,
+    cached_text_features,
+    embed_pairs,
+    image_pixels,
+    load_split,
+    preprocess_split_images,
+)
 from .models import DualEncoder
 from .selection import joint_features, select_pairs
 from .synthetic import SyntheticSet
@@ -202,16 +211,24 @@ class SyntheticSetDistiller:
         """Run the whole distillation and return the best :class:`~mdm_hf.synthetic.SyntheticSet`.
 
         With a validation hook, "best" is the state with the highest validation mean; without one, the last state.
+        A run that fails before writing anything leaves no empty ``output_dir`` behind.
         """
+        out = Path(self.config.output_dir)
+        created = not out.exists()
+        try:
+            return self._distill()
+        except BaseException:
+            if created and self.is_main_process and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            raise
 
+    def _distill(self):
         cfg = self.config
         self._prepare_output_dir()
         self.setup()
-        resume = self._resolve_resume()
         self.initialize()
         self._best = self._current()
-        if resume is not None:
-            self.load_checkpoint(resume)
+        self._resume()
         self._before_loop()
         if self.is_main_process:
             cfg.save(Path(cfg.output_dir) / self.config_file)
@@ -221,25 +238,42 @@ class SyntheticSetDistiller:
         if self.validation_fn is not None and cfg.eval_on_start and self.state.step == 0:
             stop = self._evaluate(0)
         while self.state.step < cfg.max_steps and not stop:
-            logs, timings = self.training_step(self._generator)
-            self.state.step += 1
-            self.state.distill_seconds += timings.total
-            self.timings.append(timings)
-            bar.update(1)
-            step = self.state.step
-            if cfg.logging_steps and step % cfg.logging_steps == 0:
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                self._log(logs, step)
-            if self.validation_fn is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                stop = self._evaluate(step)
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                self.save_checkpoint(self._generator)
+            stop = self._step(bar)
         bar.close()
         if self.validation_fn is None:
             self._best = self._current()
         self.save_checkpoint(self._generator)
         self._after_loop()
         return self.synthetic_set(*self._best)
+
+    def _step(self, bar) -> bool:
+        """One iteration with its logging, validation and checkpoint; True when early stopping says stop. A data
+        error (an unreadable image, a bad caption) saves the last good state before it is raised."""
+        cfg = self.config
+        before = self._generator.get_state()
+        try:
+            logs, timings = self.training_step(self._generator)
+        except DataError as err:
+            self._generator.set_state(before)  # resuming redraws this very batch
+            path = self.save_checkpoint(self._generator)
+            raise DataError(
+                f"{err} The last good state (step {self.state.step}) is saved in {path}; after fixing the data, "
+                "resume with --resume_from_checkpoint latest."
+            ) from err
+        self.state.step += 1
+        self.state.distill_seconds += timings.total
+        self.timings.append(timings)
+        bar.update(1)
+        step = self.state.step
+        if cfg.logging_steps and step % cfg.logging_steps == 0:
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            self._log(logs, step)
+        stop = False
+        if self.validation_fn is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+            stop = self._evaluate(step)
+        if cfg.save_steps and step % cfg.save_steps == 0:
+            self.save_checkpoint(self._generator)
+        return stop
 
     def _evaluate(self, step: int) -> bool:
         """Validation hook + early stopping; returns True when training should stop."""
@@ -327,10 +361,19 @@ class SyntheticSetDistiller:
             resuming=bool(cfg.resume_from_checkpoint), accelerator=self.accelerator,
         )  # fmt: skip
 
-    def _resolve_resume(self) -> Path | None:
-        return resolve_resume(
-            self.config.resume_from_checkpoint, self.config.output_dir, "synthetic.safetensors"
-        )
+    def _resume(self) -> None:
+        """Continue from ``resume_from_checkpoint``: the newest intact checkpoint for ``latest`` (a torn one is
+        skipped with a warning), refusing a checkpoint whose run had other result-changing settings."""
+        cfg = self.config
+        candidates = resume_candidates(cfg.resume_from_checkpoint, cfg.output_dir, "synthetic.safetensors")
+        for i, path in enumerate(candidates):
+            try:
+                self.load_checkpoint(path)
+                return
+            except CheckpointError as err:
+                if "other settings" in str(err) or i == len(candidates) - 1:
+                    raise
+                logger.warning("%s Falling back to the checkpoint before it.", err)
 
     def save_checkpoint(self, generator: torch.Generator) -> Path:
         """Write ``checkpoint-<step>/``: tensors, best tensors, extras, optimiser and RNG state (safetensors) + JSON."""
@@ -347,7 +390,10 @@ class SyntheticSetDistiller:
                 **self._checkpoint_extras(),
             }
             opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
-            state = {**self.state.__dict__, "optimizer": opt_meta, "config": cfg.to_dict()}
+            state = {
+                **self.state.__dict__, "optimizer": opt_meta, "config": cfg.to_dict(),
+                "data_fingerprint": self.train_data.fingerprint,
+            }  # fmt: skip
             files = {"synthetic.safetensors": synthetic, "optimizer.safetensors": opt_tensors}
             write_checkpoint(path, files, state, keep=cfg.save_total_limit)
         self._wait_for_everyone()
@@ -356,6 +402,11 @@ class SyntheticSetDistiller:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore tensors, extras, optimiser, RNG and loop state from ``path`` (call after :meth:`initialize`)."""
         tensors, state, opt = read_checkpoint(path, self.syn_pixels.shape, self.syn_text.shape)
+        saved = {**state.pop("config", {}), "data_fingerprint": state.pop("data_fingerprint", None)}
+        current = {**self.config.to_dict(), "data_fingerprint": self.train_data.fingerprint}
+        if saved["data_fingerprint"] is None:  # written before fingerprints were recorded
+            saved.pop("data_fingerprint")
+        check_resume_config(saved, current, self.config.resume_free_fields, Path(path))
         with torch.no_grad():
             self.syn_pixels.copy_(tensors["pixel_values"])
             self.syn_text.copy_(tensors["text_features"])
@@ -364,6 +415,5 @@ class SyntheticSetDistiller:
         self._best = (tensors["best_pixel_values"], tensors["best_text_features"])
         self._generator.set_state(tensors["rng_state"])
         self.optimizer.load_state_dict(opt)
-        state.pop("config", None)
         self.state = DistillState(**state)
         logger.info("Resumed from %s at step %d", path, self.state.step)
