@@ -38,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .checkpointing import prepare_output_dir
-from .config import DatasetArguments, optional_split
+from .config import DatasetArguments, check_field_types, check_values, optional_split
 from .config import config_field as _f
 from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
@@ -126,7 +126,18 @@ class AnchorPretrainingConfig(DatasetArguments):
     overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.validation_split = optional_split(self.validation_split)
+        check_values(self, {
+            "image_size": self.image_size >= 1, "patch_size": self.patch_size >= 1,
+            "hidden_size": self.hidden_size >= 1, "num_hidden_layers": self.num_hidden_layers >= 1,
+            "num_attention_heads": self.num_attention_heads >= 1, "projection_dim": self.projection_dim >= 1,
+            "num_epochs": self.num_epochs >= 1, "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "learning_rate": self.learning_rate > 0, "weight_decay": self.weight_decay >= 0,
+            "warmup_ratio": 0 <= self.warmup_ratio <= 1, "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0, "num_workers": self.num_workers >= 0,
+            "blur_sigma_max": self.blur_sigma_max > 0.1,
+        })  # fmt: skip
         if not self.dataset_name:
             raise ValueError(
                 "AnchorPretrainingConfig.dataset_name is required (a Hub id or a local dataset dir)."

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from accelerate import PartialState
 
@@ -28,14 +30,22 @@ from .experts import ExpertTrainingConfig, train_expert_bank
 
 
 def distill_main(argv: Sequence[str]) -> int:
+    """``mdm-hf distill --config file.yaml [--field value ...]``: distill, save ``<output_dir>/synthetic``, push."""
     config = parse_dataclass_args(MDMConfig, argv, prog="mdm-hf distill")
-    synthetic = MDMDistiller(config).distill()
-    out = f"{config.output_dir}/synthetic"
-    synthetic.save_pretrained(out, overwrite=True)
-    print(f"Synthetic set ({len(synthetic)} pairs) written to {out}; load it with load_dataset('{out}').")
-    if config.push_to_hub:
-        url = synthetic.push_to_hub(config.hub_dataset_id, private=config.hub_private, local_dir=out)
-        print(f"Pushed to {url}")
+    out = Path(config.output_dir) / "synthetic"
+    if out.exists() and not out.is_dir():  # found now, not after the whole run
+        raise NotADirectoryError(
+            f"'{out}' is a file; the synthetic set is saved there. Move it or change --output_dir."
+        )
+    distiller = MDMDistiller(config)
+    synthetic = distiller.distill()
+    if distiller.is_main_process:  # one writer and one uploader; the other processes wait below
+        synthetic.save_pretrained(out, overwrite=True)
+        print(f"Synthetic set ({len(synthetic)} pairs) written to {out}; load it with load_dataset('{out}').")
+        if config.push_to_hub:
+            url = synthetic.push_to_hub(config.hub_dataset_id, private=config.hub_private, local_dir=out)
+            print(f"Pushed to {url}")
+    distiller.accelerator.wait_for_everyone()
     return 0
 
 
@@ -100,6 +110,10 @@ def _demo(argv: Sequence[str]) -> int:
     return demo_main(argv)
 
 
+# What a user can cause -- a bad flag value, file, dataset, checkpoint, a missing package or Hub access, a run
+# that diverged -- ends as one line and exit code 2; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
 COMMANDS = {
     "distill": (distill_main, "Distill a dataset into synthetic pairs with MDM."),
     "experts": (experts_main, "Train LoRA (or full) experts from an anchor into an expert bank."),
@@ -130,8 +144,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage()
         print(f"mdm-hf: unknown command '{argv[0]}'. Choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    command, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
+    debug = len(rest) < len(argv) - 1 or os.environ.get("MDM_HF_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return COMMANDS[argv[0]][0](argv[1:])
+    try:
+        return COMMANDS[command][0](rest)
+    except KeyboardInterrupt:
+        print(f"mdm-hf {command}: interrupted.", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"mdm-hf {command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +38,15 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
     return values
 
 
+def check_field_types(config) -> None:
+    """:func:`check_types` for a config instance (the Python API path; the command line checks YAML values)."""
+    check_types(
+        type(config),
+        {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+        type(config).__name__,
+    )
+
+
 def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
     """``--config file.yaml`` plus ``--field value`` overrides -> a dataclass instance (overrides win).
 
@@ -51,10 +62,9 @@ def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: 
         "--config", default=None, help="YAML file with field: value pairs (CLI flags override)."
     )
     if known.config:
-        try:
-            parser.set_defaults(**load_yaml_config(known.config, cls))
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
+        values = load_yaml_config(known.config, cls)
+        check_types(cls, values, known.config)
+        parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[0]
 
 
@@ -98,8 +108,48 @@ def optional_split(value: str | None) -> str | None:
     return None if isinstance(value, str) and value.lower() in ("", "none", "null") else value
 
 
+def _conforms(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` has the type a config field declares (``int`` excludes ``bool``; ``float`` takes ints)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, Sequence):
+        return (
+            isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value) if args else True
+        )
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+def check_types(cls: type, values: dict[str, Any], source: str) -> None:
+    """Raise one ``ValueError`` naming every value whose type is not its field's (``num_pairs: 8.7``,
+    ``num_pairs: [8]``), before anything is loaded."""
+    hints = typing.get_type_hints(cls)
+    bad = [
+        f"{key}={value!r} (expected {getattr(hints[key], '__name__', None) or str(hints[key]).replace('typing.', '')})"
+        for key, value in values.items()
+        if key in hints and not _conforms(value, hints[key])
+    ]
+    if bad:
+        raise ValueError(f"{source}: wrong type for {', '.join(bad)}.")
+
+
 def check_values(config, checks: dict[str, bool], choices: dict[str, Sequence] | None = None) -> None:
-    """Raise one ``ValueError`` naming every field that fails ``checks`` (name -> ok) or is not in its ``choices``."""
+    """Raise one ``ValueError`` naming every field that fails ``checks`` (name -> ok) or is not in its ``choices``.
+
+    Call :func:`check_field_types` first when a check compares values (a list compared to 0 raises a TypeError).
+    """
     name = type(config).__name__
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
@@ -139,7 +189,15 @@ class DistillRunArguments(DatasetArguments):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        check_values(self, {"num_pairs": self.num_pairs > 0, "max_steps": self.max_steps >= 0})
+        check_field_types(self)
+        check_values(self, {
+            "num_pairs": self.num_pairs > 0, "max_steps": self.max_steps >= 0, "eval_steps": self.eval_steps >= 0,
+            "save_steps": self.save_steps >= 0, "logging_steps": self.logging_steps >= 0,
+            "save_total_limit": self.save_total_limit is None or self.save_total_limit >= 1,
+            "early_stopping_patience": self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+            "max_train_images": self.max_train_images is None or self.max_train_images >= 1,
+            "max_cached_images": self.max_cached_images >= 0,
+        })  # fmt: skip
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -234,8 +292,22 @@ class MDMConfig(ModelArguments, DistillRunArguments):
             "real_batch_size": self.real_batch_size > 0,
             "syn_batch_size": self.syn_batch_size > 0,
             "experts_per_teacher": self.experts_per_teacher >= 1,
+            "max_start_epoch": self.max_start_epoch is None or self.max_start_epoch >= 1,
+            "merge_alpha": self.merge_alpha > 0,
             "teacher_pool_size": self.teacher_pool_size >= 1,
+            "pool_real_size": self.pool_real_size is None or self.pool_real_size >= 1,
+            "lr_pixels": self.lr_pixels > 0,
+            "lr_text": self.lr_text >= 0,  # 0 freezes the text features on purpose
+            "momentum": 0 <= self.momentum < 1,
+            "adam_beta1": 0 <= self.adam_beta1 < 1,
+            "adam_beta2": 0 <= self.adam_beta2 < 1,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "lambda_contrastive": self.lambda_contrastive >= 0,
+            "lambda_agreement": self.lambda_agreement >= 0,
+            "lambda_discrepancy": self.lambda_discrepancy >= 0,
             "sigma": self.sigma > 0,
+            "temperature": self.temperature is None or self.temperature > 0,
+            "num_workers": self.num_workers >= 0,
         }
         choices = {
             "teacher_mode": ("fresh", "pooled"),
@@ -244,3 +316,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
             "contrastive": ("auto", "clip", "siglip"),
         }
         check_values(self, checks, choices)
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError(
+                "--push_to_hub needs --hub_dataset_id (namespace/name of the dataset repo to create)."
+            )

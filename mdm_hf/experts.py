@@ -47,7 +47,7 @@ from .bank import (
     write_bank_card,
 )
 from .checkpointing import prepare_output_dir, write_json_atomic
-from .config import DatasetArguments, ModelArguments, check_values, optional_split
+from .config import DatasetArguments, ModelArguments, check_field_types, check_values, optional_split
 from .config import config_field as _f
 from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
@@ -134,6 +134,7 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
     hub_private: bool | None = _f(None, "Create the Hub repo as private.")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.revision is not None:  # deprecated spelling: one name per concept across commands
             if self.model_revision not in (None, self.revision):
                 raise ValueError(
@@ -150,6 +151,12 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
             "learning_rate": self.learning_rate > 0,
             "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
             "lora_dropout": 0.0 <= self.lora_dropout < 1.0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_ratio": 0 <= self.warmup_ratio <= 1,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "num_workers": self.num_workers >= 0,
+            "max_validation_images": self.max_validation_images is None or self.max_validation_images >= 1,
+            "max_cached_images": self.max_cached_images >= 0,
         }
         check_values(self, checks)
         if self.seeds is not None and len(self.seeds) != self.num_experts:

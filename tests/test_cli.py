@@ -36,7 +36,7 @@ def test_yaml_then_cli_overrides(tmp_path):
     assert (cfg.num_pairs, cfg.max_steps, cfg.lr_pixels) == (5, 20, 10.0)
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_pair: 3\n")
-    with pytest.raises(SystemExit, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown keys"):
         parse_dataclass_args(MDMConfig, ["--config", str(bad)])
 
 
@@ -94,3 +94,43 @@ def test_config_values_are_checked_with_the_field_and_the_fix():
         TrajectoryMatchingConfig(num_pairs=0)  # the shared run fields are checked for every method
     with pytest.raises(ValueError, match="Unknown TrajectoryMatchingConfig keys: \\['lr'\\]"):
         TrajectoryMatchingConfig.from_dict({"lr": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("flags", "yaml_text", "expected"),
+    [
+        (["--lr_pixels", "-1"], "", "lr_pixels=-1.0"),
+        (["--lr_pixels", "0"], "", "lr_pixels=0.0"),
+        (["--max_grad_norm", "-1"], "", "max_grad_norm=-1.0"),
+        (["--save_steps", "-5"], "", "save_steps=-5"),
+        (["--pool_real_size", "-3"], "", "pool_real_size=-3"),
+        ([], "num_pairs: 8.7\n", "num_pairs=8.7 (expected int)"),
+        ([], "num_pairs: [8]\n", "num_pairs=[8] (expected int)"),
+        (["--push_to_hub"], "", "--push_to_hub needs --hub_dataset_id"),
+    ],
+)
+def test_bad_values_are_one_line_errors_before_anything_loads(flags, yaml_text, expected, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text or "seed: 0\n")
+    # the model and data do not exist: the error must come from the value, before any loading
+    argv = ["distill", "--config", str(config), "--model_name_or_path", str(tmp_path / "none"),
+            "--dataset_name", str(tmp_path / "none"), "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(
+        ValueError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
+        main([*argv, "--debug"])  # --debug: the exception itself, with its traceback
+
+
+def test_synthetic_path_that_is_a_file_fails_at_start(tiny_clip_dir, tiny_dataset_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "synthetic").write_text("not a folder")
+    argv = ["distill", "--config", str(ROOT / "recipes/configs/tiny_offline.yaml"), "--model_name_or_path",
+            tiny_clip_dir, "--dataset_name", tiny_dataset_dir, "--output_dir", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["synthetic"]  # nothing ran
