@@ -27,16 +27,14 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
-from huggingface_hub import HfApi, ModelCardData, snapshot_download
-from huggingface_hub.errors import HFValidationError
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
-from .cards import render_model_card
+from .cards import expert_bank_card
+from .hub import check_repo_id, download_repo, upload_folder_checked
 from .merge import ExpertBank, LowRankDelta
-from .models import DualEncoder, OfflineHubError, is_hub_offline
+from .models import DualEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +43,6 @@ BANK_FORMAT_VERSION = 1
 
 
 MANIFEST_NAME = "manifest.json"
-
-
-CARD_TEMPLATE = "expert_bank_card"
 
 
 def anchor_fingerprint(model: nn.Module) -> dict:
@@ -164,45 +159,10 @@ def bank_size_bytes(bank_dir: str | os.PathLike) -> int:
 def write_bank_card(
     bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None
 ) -> Path:
-    """Render ``README.md`` of the bank from ``hub_cards/expert_bank_card.md`` (``repo_id`` fills the snippets)."""
-
+    """Render ``README.md`` of the bank (:func:`mdm_hf.cards.expert_bank_card`; ``repo_id`` fills the snippets)."""
     bank_dir = Path(bank_dir)
     manifest = manifest or read_manifest(bank_dir)
-    anchor, lora = manifest["anchor"], manifest.get("lora")
-    anchor_id = anchor["name_or_path"]
-    on_hub = not os.path.exists(anchor_id) and anchor_id.count("/") == 1
-    dataset = manifest["dataset"]["name"]
-    card_data = ModelCardData(
-        library_name="peft" if manifest["kind"] == "lora" else "transformers",
-        base_model=anchor_id if on_hub else None,
-        datasets=[dataset] if not os.path.exists(dataset) and dataset.count("/") == 1 else None,
-        tags=["mdm-hf", "dataset-distillation", "model-stock", "expert-bank", manifest["family"],
-              *(["lora"] if manifest["kind"] == "lora" else [])],
-    )  # fmt: skip
-    rows = []
-    for expert in manifest["experts"]:
-        for ep in expert["epochs"]:
-            val = ep.get("validation") or {}
-            rows.append([expert["name"], expert["seed"], ep["epoch"], f"{ep['train_loss']:.4f}",
-                         *(f"{val[k]:.1f}" if k in val else "–" for k in ("ir@1", "tr@1", "mean"))])  # fmt: skip
-    card = render_model_card(
-        CARD_TEMPLATE,
-        card_data,
-        repo_id=repo_id or str(bank_dir),
-        anchor=anchor,
-        anchor_link=f"[{anchor_id}](https://huggingface.co/{anchor_id})" if on_hub else f"`{anchor_id}`",
-        kind=manifest["kind"],
-        family=manifest["family"],
-        lora=lora,
-        num_experts=len(manifest["experts"]),
-        num_epochs=manifest["num_epochs"],
-        seeds=manifest["seeds"],
-        dataset=manifest["dataset"],
-        rows=rows,
-        size_mb=f"{bank_size_bytes(bank_dir) / 2**20:.1f}",
-        training_yaml=yaml.safe_dump(manifest["training"], sort_keys=True).strip(),
-        created_with=manifest.get("created_with", "mdm-hf"),
-    )
+    card = expert_bank_card(manifest, repo_id=repo_id or str(bank_dir), size_bytes=bank_size_bytes(bank_dir))
     path = bank_dir / "README.md"
     card.save(str(path))
     return path
@@ -219,45 +179,51 @@ def push_expert_bank(
     """Upload a bank directory as a Hub **model** repo (created if needed); returns the commit URL.
 
     The card is re-rendered with ``repo_id`` first. ``token`` (or the logged-in token) is only handed to
-    ``HfApi``; it is never written to a file.
-    """
+    ``HfApi``; it is never written to a file (the card and the manifest are checked before the upload).
 
+    Raises:
+        ValueError: ``repo_id`` is not ``"namespace/name"`` (checked before anything is written).
+        mdm_hf.hub.HubUploadError: the upload failed; the message names the bank directory and how to retry.
+    """
+    check_repo_id(repo_id)
     bank_dir = Path(bank_dir)
     write_bank_card(bank_dir, read_manifest(bank_dir), repo_id=repo_id)
-    api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
-    info = api.upload_folder(
-        folder_path=str(bank_dir), repo_id=repo_id, repo_type="model", revision=revision,
-        commit_message=commit_message, ignore_patterns=["*.tmp", ".cache/**"],
-    )  # fmt: skip
-    return str(getattr(info, "commit_url", info))
+    upload = upload_folder_checked(
+        bank_dir,
+        repo_id,
+        repo_type="model",
+        commit_message=commit_message,
+        token=token,
+        private=private,
+        revision=revision,
+        ignore_patterns=["*.tmp", ".cache/**"],
+        token_free=("README.md", MANIFEST_NAME),
+        what="the expert bank",
+        resume_hint=f"mdm_hf.bank.push_expert_bank({str(bank_dir)!r}, {repo_id!r})",
+    )
+    return upload.commit_url or upload.url
 
 
 def resolve_bank_dir(
     id_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None
 ) -> Path:
-    """A local bank directory: ``id_or_dir`` itself, or a snapshot of the Hub repo ``id_or_dir``."""
+    """A local bank directory: ``id_or_dir`` itself, or a snapshot of the Hub model repo ``id_or_dir``.
+
+    Raises:
+        mdm_hf.hub.OfflineHubError: offline / unreachable and not in the Hub cache (the message says how to
+            download the bank and pass the directory instead).
+        FileNotFoundError: not a directory and not an existing Hub repo id.
+    """
     if os.path.isdir(id_or_dir):
         return Path(id_or_dir)
-
-    hint = (
-        f"Download it once where the Hub is reachable (`hf download {id_or_dir} --local-dir expert_bank/`) and pass "
-        "the local directory instead (--expert_bank expert_bank/)."
+    return download_repo(
+        str(id_or_dir),
+        repo_type="model",
+        revision=revision,
+        token=token,
+        what="the expert bank",
+        use_local="pass the local directory instead (--expert_bank DIR)",
     )
-    try:
-        return Path(snapshot_download(str(id_or_dir), revision=revision, repo_type="model", token=token))
-    except HFValidationError as err:
-        raise FileNotFoundError(
-            f"Expert bank '{id_or_dir}' is neither a directory nor a valid Hub repo id."
-        ) from err
-    except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one clear message
-        raise OfflineHubError(
-            f"Could not load the expert bank '{id_or_dir}'{f' (revision {revision})' if revision else ''}: it is "
-            f"not a local directory and the Hub could not provide it (offline={is_hub_offline()}; "
-            f"{type(err).__name__}: {err}). {hint}"
-        ) from err
 
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")

@@ -1,22 +1,82 @@
-"""Hub cards rendered from the Jinja templates shipped in :mod:`mdm_hf.hub_cards`.
+"""Every Hub card mdm-hf writes, rendered from the Jinja templates shipped in :mod:`mdm_hf.hub_cards`.
+
+* :func:`synthetic_dataset_card`: the dataset card of a synthetic set (``hub_cards/synthetic_dataset_card.md``);
+* :func:`expert_bank_card`: the model card of an expert bank (``hub_cards/expert_bank_card.md``; the experts are
+  those of ``docs/method.md §2``);
+* :func:`emojicaps_card`: the dataset card of EmojiCaps (``hub_cards/emojicaps_card.md``, ``docs/benchmarks.md``).
 
 Templates live in ``hub_cards/`` at the repository root and are installed as the package ``mdm_hf.hub_cards``.
 A template starts with ``---\\n{{ card_data }}\\n---`` (the YAML metadata that ``huggingface_hub`` renders from a
 ``DatasetCardData`` / ``ModelCardData``); every other ``{{ variable }}`` comes from the keyword arguments of
-:func:`render_dataset_card` / :func:`render_model_card`.
+:func:`render_dataset_card` / :func:`render_model_card`, which also provide the one citation of the paper
+(``mdm_reference``, ``mdm_bibtex``) and of Model Stock (``model_stock_reference``, ``model_stock_bibtex``).
+The results table of a synthetic set's card is :func:`results_table` (evaluation protocol: ``docs/method.md §5``).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import os
+from pathlib import Path
 
+import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
-__all__ = ["load_template", "render_dataset_card", "render_model_card", "available_templates"]
+from .hub import hub_license, is_hub_reference, size_category
+
+__all__ = [
+    "MDM_BIBTEX",
+    "MDM_REFERENCE",
+    "MODEL_STOCK_BIBTEX",
+    "MODEL_STOCK_REFERENCE",
+    "available_templates",
+    "emojicaps_card",
+    "expert_bank_card",
+    "load_template",
+    "render_dataset_card",
+    "render_model_card",
+    "results_table",
+    "synthetic_dataset_card",
+]
 
 _PACKAGE = "mdm_hf.hub_cards"
 
+# The paper, cited once for every card.
+MDM_REFERENCE = "[Jeong et al., CVPR 2026](https://arxiv.org/abs/2605.23482)"
+MDM_BIBTEX = """@inproceedings{jeong2026mdm,
+  title     = {Multimodal Distribution Matching for Vision-Language Dataset Distillation},
+  author    = {Jeong, Jongoh and Kwon, Hoyong and Kim, Minseok and Yoon, Kuk-Jin},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2026},
+  eprint    = {2605.23482},
+  archivePrefix = {arXiv}
+}"""
+# Model Stock, the interpolation that forms MDM's mixed teacher (``docs/method.md §2``).
+MODEL_STOCK_REFERENCE = "[Jang et al., ECCV 2024](https://arxiv.org/abs/2403.19522)"
+MODEL_STOCK_BIBTEX = """@inproceedings{jang2024modelstock,
+  title     = {Model Stock: All we need is just a few fine-tuned models},
+  author    = {Jang, Dong-Hwan and Yun, Sangdoo and Han, Dongyoon},
+  booktitle = {European Conference on Computer Vision (ECCV)},
+  year      = {2024},
+  eprint    = {2403.19522},
+  archivePrefix = {arXiv}
+}"""
+_CITATIONS = {
+    "mdm_reference": MDM_REFERENCE,
+    "mdm_bibtex": MDM_BIBTEX,
+    "model_stock_reference": MODEL_STOCK_REFERENCE,
+    "model_stock_bibtex": MODEL_STOCK_BIBTEX,
+}
 
+SYNTHETIC_TEMPLATE = "synthetic_dataset_card"
+SYNTHETIC_TAGS = ["dataset-distillation", "mdm", "synthetic", "vision-language"]
+SYNTHETIC_TASK_CATEGORIES = ["image-to-text", "text-to-image", "feature-extraction"]
+BANK_TEMPLATE = "expert_bank_card"
+EMOJICAPS_TEMPLATE = "emojicaps_card"
+_DEFAULT_METRICS = ["ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10"]
+
+
+# ====================================================================== templates
 def available_templates() -> list[str]:
     """Names of the card templates shipped with the package (``*.md`` in ``mdm_hf.hub_cards``)."""
     root = importlib.resources.files(_PACKAGE)
@@ -41,9 +101,249 @@ def load_template(name: str) -> str:
 
 def render_dataset_card(template_name: str, card_data: DatasetCardData, **variables) -> DatasetCard:
     """Render the dataset-card template ``template_name`` with ``card_data`` as YAML header and ``variables``."""
-    return DatasetCard.from_template(card_data, template_path=load_template(template_name), **variables)
+    return DatasetCard.from_template(
+        card_data, template_path=load_template(template_name), **{**_CITATIONS, **variables}
+    )
 
 
 def render_model_card(template_name: str, card_data: ModelCardData, **variables) -> ModelCard:
     """Render the model-card template ``template_name`` with ``card_data`` as YAML header and ``variables``."""
-    return ModelCard.from_template(card_data, template_path=load_template(template_name), **variables)
+    return ModelCard.from_template(
+        card_data, template_path=load_template(template_name), **{**_CITATIONS, **variables}
+    )
+
+
+# ====================================================================== cells, links, results
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _link(name, kind: str) -> str:
+    """Markdown link to a Hub repo for Hub ids, plain code span for local paths."""
+    name = str(name)
+    if is_hub_reference(name):
+        prefix = "datasets/" if kind == "datasets" else ""
+        return f"[`{name}`](https://huggingface.co/{prefix}{name})"
+    return f"`{_cell(name)}` (local)"
+
+
+def _with_revision(name, revision) -> str:
+    return f"{name} @ `{_cell(revision)}`" if revision else name
+
+
+def _fmt(mean, std=None) -> str:
+    """``mean ± std`` with two decimals (the one rounding of results in mdm-hf); ``–`` when missing."""
+    if mean is None:
+        return "–"
+    try:
+        text = f"{float(mean):.2f}"
+    except (TypeError, ValueError):
+        return _cell(mean)
+    return f"{text} ± {float(std):.2f}" if std is not None else text
+
+
+def results_table(results: dict) -> str:
+    """Markdown table of a card's results dict, one row per method, metrics as ``mean ± std`` (two decimals).
+
+    ``results`` is the JSON shape stored in a synthetic set's metadata (see :class:`mdm_hf.synthetic.SyntheticSet`):
+    ``{"metric_names": [...], "rows": [{"method", "pairs", "<metric>", "<metric>_std", "mean", "mean_std",
+    "seeds"}, ...]}``; ``pairs = None`` is the full-data row ("all"), a missing value is ``–``. Recall in percent,
+    IR = text → image, TR = image → text (``docs/method.md §5``).
+    """
+    metrics = [m for m in (results.get("metric_names") or _DEFAULT_METRICS) if m != "mean"]
+    header = ["Method", "Pairs", *[m.upper() for m in metrics], "Mean", "Seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results.get("rows") or []:
+        pairs = row.get("pairs")
+        cells = [
+            _cell(row.get("method", "?")),
+            "all" if pairs is None else _cell(pairs),
+            *[_fmt(row.get(m), row.get(f"{m}_std")) for m in metrics],
+            _fmt(row.get("mean"), row.get("mean_std")),
+            _cell(row.get("seeds", "–")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ====================================================================== the synthetic set's dataset card
+def _provenance_rows(prov: dict) -> list[tuple[str, str]]:
+    """The card's provenance table: teacher, text encoder, expert bank and source as links, then plain keys."""
+    rows = []
+    if prov.get("teacher"):
+        teacher = _with_revision(_link(prov["teacher"], "models"), prov.get("teacher_revision"))
+        rows.append(("Teacher (anchor)", teacher))
+    if prov.get("text_encoder"):
+        pooling = f" (pooling: `{prov['text_pooling']}`)" if prov.get("text_pooling") else ""
+        rev = prov.get("text_encoder_revision") or (
+            prov.get("teacher_revision") if prov.get("text_encoder") == prov.get("teacher") else None
+        )
+        rows.append(
+            ("Text encoder (frozen)", _with_revision(_link(prov["text_encoder"], "models"), rev) + pooling)
+        )
+    if prov.get("expert_bank"):
+        bank = _with_revision(_link(prov["expert_bank"], "models"), prov.get("expert_bank_revision"))
+    else:
+        bank = "none (the pretrained anchor is the teacher)"
+    rows.append(("Expert bank", bank))
+    if prov.get("source_dataset"):
+        source = _link(prov["source_dataset"], "datasets")
+        rows.append(("Source dataset", _with_revision(source, prov.get("source_dataset_revision"))))
+    for key, label in (
+        ("source_split", "Source split"),
+        ("source_fingerprint", "Source fingerprint"),
+        ("license", "Source license"),
+        ("selection", "Initial selection"),
+        ("steps", "Distillation steps"),
+        ("best_step", "Selected step"),
+        ("created_with", "Created with"),
+    ):
+        if prov.get(key) not in (None, ""):
+            rows.append((label, f"`{_cell(prov[key])}`"))
+    if prov.get("versions"):
+        rows.append(("Library versions", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())))
+    return rows
+
+
+def _synthetic_card_data(num_pairs: int, prov: dict) -> DatasetCardData:
+    """The YAML header: licence mapped to a Hub id, size bucket, Hub source, one ``train`` split of parquet."""
+    source = prov.get("source_dataset")
+    license_id, license_name = hub_license(prov.get("license"))
+    extra = {"license_name": license_name} if license_name else {}
+    short = Path(str(source)).name if source else "image-text data"
+    return DatasetCardData(
+        license=license_id,
+        task_categories=SYNTHETIC_TASK_CATEGORIES,
+        tags=SYNTHETIC_TAGS,
+        size_categories=[size_category(num_pairs)],
+        source_datasets=[str(source)] if source and is_hub_reference(str(source)) else None,
+        pretty_name=f"{short} distilled with MDM ({num_pairs} pairs)",
+        configs=[
+            {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}
+        ],
+        **extra,
+    )
+
+
+def synthetic_dataset_card(synthetic_set, repo_id: str | None = None) -> DatasetCard:
+    """The dataset card of a :class:`~mdm_hf.synthetic.SyntheticSet`, from ``hub_cards/synthetic_dataset_card.md``.
+
+    The card describes MDM's three levels (data, model and loss: ``docs/method.md §1``–``§3``), the provenance,
+    the results table and how to load the set. Keys containing "token" never reach it
+    (``synthetic_set.full_provenance()`` drops them).
+
+    Args:
+        repo_id: used in the "how to load" snippets; defaults to ``config.hub_dataset_id`` from the provenance,
+            else a placeholder.
+    """
+    prov = synthetic_set.full_provenance()
+    config = prov.get("config") or {}
+    repo_id = repo_id or (config.get("hub_dataset_id") if isinstance(config, dict) else None)
+    k, (_, h, w), results = len(synthetic_set), synthetic_set.image_shape, synthetic_set.results
+    card_data = _synthetic_card_data(k, prov)
+    source = prov.get("source_dataset")
+    return render_dataset_card(
+        SYNTHETIC_TEMPLATE,
+        card_data,
+        pretty_name=card_data.pretty_name,
+        num_pairs=k,
+        pixel_shape=f"3, {h}, {w}",
+        image_size=f"{h}×{w}",
+        text_dim=synthetic_set.text_dim,
+        image_mean=[round(float(v), 6) for v in synthetic_set.image_mean],
+        image_std=[round(float(v), 6) for v in synthetic_set.image_std],
+        source_link=_link(source, "datasets") if source else "an image–caption dataset",
+        source_split=prov.get("source_split"),
+        selection=prov.get("selection") or "unknown",
+        has_expert_bank=bool(prov.get("expert_bank")),
+        method=prov.get("method") or "MDM",
+        text_encoder=prov.get("text_encoder") or prov.get("teacher") or "the teacher's text encoder",
+        created_with=prov["created_with"],
+        license_text=prov.get("license") or "unknown",
+        provenance_rows=_provenance_rows(prov),
+        config_yaml=yaml.safe_dump(config, sort_keys=False, allow_unicode=True).strip() or "{}",
+        results_table=results_table(results) if results else None,
+        results_protocol=(results or {}).get("protocol") or "not recorded",
+        results_notes=(results or {}).get("notes"),
+        repo_id=repo_id or "<namespace>/<name>",
+    )
+
+
+# ====================================================================== the expert bank's model card
+def expert_bank_card(manifest: dict, repo_id: str, size_bytes: int) -> ModelCard:
+    """The model card of an expert bank (the experts of ``docs/method.md §2``) from its ``manifest.json`` content.
+
+    Args:
+        repo_id: the Hub id (or the local directory) shown in the "use it" snippets.
+        size_bytes: the bank's size on disk, shown in the introduction.
+    """
+    anchor, kind = manifest["anchor"], manifest["kind"]
+    anchor_id = anchor["name_or_path"]
+    on_hub = not os.path.exists(anchor_id) and anchor_id.count("/") == 1
+    dataset = manifest["dataset"]["name"]
+    card_data = ModelCardData(
+        library_name="peft" if kind == "lora" else "transformers",
+        base_model=anchor_id if on_hub else None,
+        datasets=[dataset] if not os.path.exists(dataset) and dataset.count("/") == 1 else None,
+        tags=["mdm-hf", "dataset-distillation", "model-stock", "expert-bank", manifest["family"],
+              *(["lora"] if kind == "lora" else [])],
+    )  # fmt: skip
+    rows = []
+    for expert in manifest["experts"]:
+        for ep in expert["epochs"]:
+            val = ep.get("validation") or {}
+            rows.append([expert["name"], expert["seed"], ep["epoch"], f"{ep['train_loss']:.4f}",
+                         *(f"{val[k]:.1f}" if k in val else "–" for k in ("ir@1", "tr@1", "mean"))])  # fmt: skip
+    return render_model_card(
+        BANK_TEMPLATE,
+        card_data,
+        repo_id=repo_id,
+        anchor=anchor,
+        anchor_link=f"[{anchor_id}](https://huggingface.co/{anchor_id})" if on_hub else f"`{anchor_id}`",
+        kind=kind,
+        family=manifest["family"],
+        lora=manifest.get("lora"),
+        num_experts=len(manifest["experts"]),
+        num_epochs=manifest["num_epochs"],
+        seeds=manifest["seeds"],
+        dataset=manifest["dataset"],
+        rows=rows,
+        size_mb=f"{size_bytes / 2**20:.1f}",
+        training_yaml=yaml.safe_dump(manifest["training"], sort_keys=True).strip(),
+        created_with=manifest.get("created_with", "mdm-hf"),
+    )
+
+
+# ====================================================================== EmojiCaps
+def emojicaps_card(card_vars: dict, num_images: int) -> DatasetCard:
+    """The dataset card of an EmojiCaps build (:mod:`mdm_hf.emojicaps`); ``card_vars`` (with ``splits``) fill the
+    template."""
+    card_data = DatasetCardData(
+        language="en",
+        # Twemoji images are CC-BY 4.0, OpenMoji images CC-BY-SA 4.0: each image keeps its own licence.
+        license=["cc-by-4.0", "cc-by-sa-4.0"],
+        pretty_name="EmojiCaps",
+        annotations_creators=["found"],
+        language_creators=["found"],
+        multilinguality="monolingual",
+        source_datasets=["original"],
+        size_categories=size_category(num_images),
+        task_categories=["image-to-text", "text-to-image", "zero-shot-image-classification"],
+        tags=[
+            "emoji",
+            "image-text-retrieval",
+            "image-captioning",
+            "dataset-distillation",
+            "twemoji",
+            "openmoji",
+        ],
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [
+                    {"split": s, "path": f"data/{s}-00000-of-00001.parquet"} for s in card_vars["splits"]
+                ],
+            }
+        ],
+    )
+    return render_dataset_card(EMOJICAPS_TEMPLATE, card_data, **card_vars)

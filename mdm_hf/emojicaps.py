@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .cards import emojicaps_card
+
 logger = logging.getLogger(__name__)
 
 EMOJICAPS_VERSION = "1.0.0"
@@ -339,13 +341,6 @@ def _write_parquet(dataset: Any, path: Path, progress: bool) -> None:
             datasets.enable_progress_bars()
 
 
-def _size_category(n: int) -> str:
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
-        if n < bound:
-            return label
-    return "100K<n<1M"
-
-
 def _ambiguous_captions(concepts: list[EmojiConcept]) -> dict[str, list[str]]:
     """Caption strings (case-insensitive) that name more than one concept: ``{caption: [emoji, ...]}``."""
     owners: dict[str, list[str]] = defaultdict(list)
@@ -353,41 +348,6 @@ def _ambiguous_captions(concepts: list[EmojiConcept]) -> dict[str, list[str]]:
         for cap in c.captions:
             owners[cap.casefold()].append(c.emoji)
     return {cap: sorted(set(ems)) for cap, ems in sorted(owners.items()) if len(set(ems)) > 1}
-
-
-def _write_card(directory: Path, card_vars: dict[str, Any], num_images: int) -> None:
-    from huggingface_hub import DatasetCard, DatasetCardData
-
-    card_data = DatasetCardData(
-        language="en",
-        # Twemoji images are CC-BY 4.0, OpenMoji images CC-BY-SA 4.0: each image keeps its own licence.
-        license=["cc-by-4.0", "cc-by-sa-4.0"],
-        pretty_name="EmojiCaps",
-        annotations_creators=["found"],
-        language_creators=["found"],
-        multilinguality="monolingual",
-        source_datasets=["original"],
-        size_categories=_size_category(num_images),
-        task_categories=["image-to-text", "text-to-image", "zero-shot-image-classification"],
-        tags=[
-            "emoji",
-            "image-text-retrieval",
-            "image-captioning",
-            "dataset-distillation",
-            "twemoji",
-            "openmoji",
-        ],
-        configs=[
-            {
-                "config_name": "default",
-                "data_files": [{"split": s, "path": f"data/{s}-00000-of-00001.parquet"} for s in SPLITS],
-            }
-        ],
-    )
-    template = resources.files("mdm_hf.hub_cards") / "emojicaps_card.md"
-    with resources.as_file(template) as template_path:
-        card = DatasetCard.from_template(card_data, template_path=str(template_path), **card_vars)
-    card.save(directory / "README.md")
 
 
 def build_emojicaps(
@@ -539,7 +499,7 @@ def build_emojicaps(
             ],
             "coloured_fraction": _COLOURED_FRACTION,
         }
-        _write_card(tmp, card_vars, sum(c["images"] for c in counts.values()))
+        emojicaps_card(card_vars, sum(c["images"] for c in counts.values())).save(tmp / "README.md")
         (tmp / META_FILENAME).write_text(
             json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         )

@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Re-exported: the Hub/offline helpers live in mdm_hf.hub; importing them from here keeps working.
+from .hub import OfflineHubError, is_hub_offline, offline_hint  # noqa: F401
+
 TextPooling = Literal["auto", "pooler", "mean", "last"]
 
 SUPPORTED_MODEL_TYPES = {
@@ -42,31 +45,6 @@ SUPPORTED_MODEL_TYPES = {
     "siglip": "siglip",
     "vision-text-dual-encoder": "dual_encoder",
 }
-
-
-class OfflineHubError(OSError):
-    """A Hub id was requested while the Hub is unreachable or ``HF_HUB_OFFLINE`` is set."""
-
-
-def is_hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or the datasets equivalent) forbids network access."""
-    return any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE",))
-
-
-def offline_hint(name_or_path: str, what: str) -> str:
-    """The message shown when ``name_or_path`` is neither a local directory nor reachable on the Hub."""
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
-        # a Hub id is "name" or "owner/name"; anything else is a local path with a typo
-        return (
-            f"Could not load the {what} '{name_or_path}': that local path does not exist (and it is not a Hub id "
-            "of the form 'owner/name'). Check the path."
-        )
-    return (
-        f"Could not load the {what} '{name_or_path}': it is not a local directory and the Hugging Face Hub is "
-        f"unreachable (offline={is_hub_offline()}). Download it once where the Hub is reachable "
-        f"(`hf download {name_or_path}` or `snapshot_download`) and pass the local directory instead, e.g. "
-        f"--{'model_name_or_path' if what == 'model' else 'dataset_name'} /path/to/{name_or_path.split('/')[-1]}"
-    )
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,15 @@ from huggingface_hub import DatasetCard, ModelCardData
 from PIL import Image
 
 from mdm_hf import cards
+from mdm_hf.hub import hub_license, size_category
 from mdm_hf.synthetic import (
     SyntheticSet,
     SyntheticSetOfflineError,
     SyntheticSetUploadError,
-    _hub_license,
-    _parse_size,
-    _size_category,
     check_repo_id,
     collate_synthetic,
 )
+from mdm_hf.synthetic_format import parse_size
 
 FAKE_TOKEN = "hf_" + "x" * 34
 K, H, W, D = 5, 8, 8, 6
@@ -275,7 +274,7 @@ def test_card_metadata_and_body(tmp_path):
     ]
     assert "MDM" in data.pretty_name
     text = card.text
-    assert "| MDM | 5 | 8.1 ± 0.4 |" in text and "26.4 ± 0.3" in text
+    assert "| MDM | 5 | 8.10 ± 0.40 |" in text and "26.40 ± 0.30" in text  # two decimals, like every table
     assert "| full data | all |" in text and "| random | 5 |" in text
     assert "validation" in text and "reported once" in text and RESULTS["protocol"] in text
     assert "![preview](preview.png)" in text
@@ -292,12 +291,12 @@ def test_card_metadata_and_body(tmp_path):
 
 
 def test_license_mapping_and_size_categories():
-    assert _hub_license("CC BY 4.0") == ("cc-by-4.0", None)
-    assert _hub_license(None) == ("unknown", None)
-    assert _hub_license("") == ("unknown", None)
-    assert _hub_license("Flickr Terms of Use") == ("other", "flickr-terms-of-use")
-    assert _hub_license(["mit"]) == ("mit", None)
-    assert [_size_category(n) for n in (1, 999, 1000, 9999, 10_000, 250_000, 10**6)] == [
+    assert hub_license("CC BY 4.0") == ("cc-by-4.0", None)
+    assert hub_license(None) == ("unknown", None)
+    assert hub_license("") == ("unknown", None)
+    assert hub_license("Flickr Terms of Use") == ("other", "flickr-terms-of-use")
+    assert hub_license(["mit"]) == ("mit", None)
+    assert [size_category(n) for n in (1, 999, 1000, 9999, 10_000, 250_000, 10**6)] == [
         "n<1K",
         "n<1K",
         "1K<n<10K",
@@ -311,9 +310,9 @@ def test_license_mapping_and_size_categories():
     assert card.data.source_datasets is None
     assert "Flickr Terms of Use" in card.text
     assert "without an expert bank" in make_set(expert_bank=None).to_card().text
-    assert _parse_size("2KB") == 2000 and _parse_size("1MiB") == 2**20 and _parse_size(5) == 5
+    assert parse_size("2KB") == 2000 and parse_size("1MiB") == 2**20 and parse_size(5) == 5
     with pytest.raises(ValueError, match="max_shard_size"):
-        _parse_size("lots")
+        parse_size("lots")
 
 
 def test_card_helpers():
