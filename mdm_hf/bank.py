@@ -1,4 +1,4 @@
-"""The expert bank: MDM's experts (MDM §2) on disk and on the Hub, read back as anchor-relative offsets.
+"""The expert bank: MDM's experts (docs/method.md §2) on disk and on the Hub, read back as anchor-relative offsets.
 
 A bank on disk (and as a Hub model repo)::
 

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from .config import DatasetArguments
+from .hub import offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +176,6 @@ def _load_raw(name_or_path: str, revision: str | None, streaming: bool, data_dir
     except (ConnectionError, OSError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         if os.path.exists(name_or_path):
             raise
-        from .models import offline_hint
-
         raise OSError(offline_hint(name_or_path, "dataset")) from err
 
 
