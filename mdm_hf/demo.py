@@ -24,6 +24,19 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .anchor import AnchorPretrainingConfig, pretrain_anchor
+from .config import MDMConfig
+from .distill import MDMDistiller
+from .emojicaps import build_emojicaps, default_emojicaps_dir
+from .experts import ExpertTrainingConfig, train_expert_bank
+from .students import (
+    StudentConfig,
+    card_results,
+    compare_methods,
+    format_results_table,
+    student_validation_fn,
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,7 +49,7 @@ class DemoConfig:
     max_concepts: int | None = None  # a subset of EmojiCaps' concepts (tests)
     image_size: int = 48
     num_pairs: int = 100
-    # anchor (BENCHMARKS.md: 48 px, ViT 192-d x 4 layers, trained on P)
+    # anchor (docs/benchmarks.md: 48 px, ViT 192-d x 4 layers, trained on P)
     anchor_hidden_size: int = 192
     anchor_layers: int = 4
     anchor_heads: int = 3
@@ -57,7 +70,7 @@ class DemoConfig:
     student_steps: int = 100
     student_eval_steps: int = 10
     student_seeds: int = 2
-    methods: list[str] = field(default_factory=lambda: ["mdm", "random", "kcenter"])
+    methods: list[str] = field(default_factory=lambda: ["synthetic", "random", "kcenter"])
     seed: int = 0
 
     @classmethod
@@ -78,16 +91,12 @@ def _stage(name: str):
 
 
 def build_data(cfg: DemoConfig) -> Path:
-    from .emojicaps import build_emojicaps, default_emojicaps_dir
-
     path = Path(cfg.data_dir) if cfg.data_dir else default_emojicaps_dir(cfg.image_size)
     return build_emojicaps(path, image_size=cfg.image_size, seed=cfg.seed, max_concepts=cfg.max_concepts)
 
 
 def train_anchor(cfg: DemoConfig, data_dir: Path, out: Path) -> Path:
     """Pre-train the anchor on the P concepts (reused if already there)."""
-    from .anchor import AnchorPretrainingConfig, pretrain_anchor
-
     if (out / "config.json").exists():
         print(f"reusing the anchor in {out}")
         return out
@@ -115,8 +124,6 @@ def train_anchor(cfg: DemoConfig, data_dir: Path, out: Path) -> Path:
 
 def train_experts(cfg: DemoConfig, data_dir: Path, anchor: Path, out: Path) -> Path:
     """LoRA experts on T train (reused if the bank is complete)."""
-    from .experts import ExpertTrainingConfig, train_expert_bank
-
     if (out / "manifest.json").exists():
         manifest = json.loads((out / "manifest.json").read_text())
         if len(manifest.get("experts", [])) >= cfg.num_experts:
@@ -143,9 +150,7 @@ def train_experts(cfg: DemoConfig, data_dir: Path, anchor: Path, out: Path) -> P
 
 
 def student_config(cfg: DemoConfig, data_dir: Path, anchor: Path, out: Path, **overrides):
-    """The one student protocol every method is scored with (BENCHMARKS.md: fresh head, val-selected)."""
-    from .evaluation import StudentConfig
-
+    """The one student protocol every method is scored with (docs/benchmarks.md: fresh head, val-selected)."""
     values = dict(
         model_name_or_path=str(anchor), dataset_name=str(data_dir), train_split="train",
         validation_split="validation", test_split="test", preset="small", num_pairs=cfg.num_pairs,
@@ -158,9 +163,6 @@ def student_config(cfg: DemoConfig, data_dir: Path, anchor: Path, out: Path, **o
 
 def distill(cfg: DemoConfig, data_dir: Path, anchor: Path, bank: Path, out: Path, validation_fn=None):
     """MDM on T train with the expert bank; returns the SyntheticSet (best on validation when a hook is given)."""
-    from .config import MDMConfig
-    from .distill import MDMDistiller
-
     config = MDMConfig(
         model_name_or_path=str(anchor), dataset_name=str(data_dir), train_split="train",
         validation_split="validation", expert_bank=str(bank), num_pairs=cfg.num_pairs,
@@ -173,8 +175,6 @@ def distill(cfg: DemoConfig, data_dir: Path, anchor: Path, bank: Path, out: Path
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage and return where things are plus the results table."""
-    from .evaluation import card_results, compare_methods, format_results_table, student_validation_fn
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}

@@ -1,5 +1,6 @@
-"""Students and their evaluation: DSA augmentation, pixel-space conversion, both student tracks, selection on
-validation with one test evaluation, reproducibility, the comparison table and the distiller's validation hook."""
+"""Students and their evaluation (mdm_hf.students): DSA augmentation, pixel-space conversion, both student tracks,
+selection on validation with one test evaluation, reproducibility, the comparison table, the distiller's validation
+hook, and the old mdm_hf.evaluation import path."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdm_hf import evaluation, students
 from mdm_hf.augment import AugmentParams, DiffAugment
-from mdm_hf.evaluation import (
-    StudentConfig,
-    StudentEvaluator,
-    evaluate_student,
-    format_results_table,
-    student_validation_fn,
-)
-from mdm_hf.students import PixelSpace, convert_pixels
+from mdm_hf.data import embed_pairs
+from mdm_hf.selection import joint_features
+from mdm_hf.students import evaluator as student_evaluator
+from mdm_hf.students import model as student_model
+from mdm_hf.students import results as student_results
+from mdm_hf.students import trainer as student_trainer
+from mdm_hf.students.config import StudentConfig
+from mdm_hf.students.evaluator import StudentEvaluator, evaluate_student, student_validation_fn
+from mdm_hf.students.model import PixelSpace, convert_pixels
+from mdm_hf.students.results import Comparison, StudentResult, format_results_table
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean")
@@ -64,7 +66,7 @@ def clip_evaluator(tiny_clip_dir, tiny_dataset_dir, tmp_path_factory):
     )
 
 
-def real_pairs_as_synthetic(evaluator: StudentEvaluator, k: int = 8):
+def real_pairs_as_synthetic(evaluator: StudentEvaluator, k: int = 8, **provenance):
     """A SyntheticSet made of K real train pairs, in the teacher's pixel and text spaces (no distillation)."""
     from mdm_hf.synthetic import SyntheticSet
 
@@ -80,7 +82,7 @@ def real_pairs_as_synthetic(evaluator: StudentEvaluator, k: int = 8):
         captions=[[train["data"].captions[int(j)]] for j in idx],
         source_indices=idx.tolist(),
         source_image_indices=owners.tolist(),
-        provenance={"teacher": evaluator.config.model_name_or_path},
+        provenance={"teacher": evaluator.config.model_name_or_path, **provenance},
     )
 
 
@@ -207,26 +209,26 @@ def test_clip_student_trains_and_reports_every_metric(clip_evaluator):
     assert run.validation["mean"] == max(h["mean"] for h in run.history)
     assert len(run.losses) == 4 and all(np.isfinite(entry["loss"]) for entry in run.losses)
     # the selected state is what the model now holds: scoring it again reproduces the best validation numbers
-    assert evaluation.evaluate_split(run.model, clip_evaluator.validation) == run.validation
+    assert student_evaluator.evaluate_split(run.model, clip_evaluator.validation) == run.validation
 
 
 def test_same_seed_reproduces_the_same_numbers(clip_evaluator):
     first, second = clip_evaluator.run("random", 0), clip_evaluator.run("random", 0)
     for key in ("test", "validation", "validation_history", "train_loss", "best_step"):
-        assert first[key] == second[key], key
+        assert getattr(first, key) == getattr(second, key), key
     other = clip_evaluator.run("random", 1)
-    assert other["train_loss"] != first["train_loss"]  # a different seed is a different student
+    assert other.train_loss != first.train_loss  # a different seed is a different student
 
 
 def test_model_selection_never_looks_at_test(tiny_clip_dir, tiny_dataset_dir, tmp_path, monkeypatch):
     calls = []
-    original = evaluation.evaluate_split
+    original = student_evaluator.evaluate_split
 
     def spy(model, split, batch_size=256):
         calls.append(split.name)
         return original(model, split, batch_size)
 
-    monkeypatch.setattr(evaluation, "evaluate_split", spy)
+    monkeypatch.setattr(student_evaluator, "evaluate_split", spy)
     config = small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, method="herding", num_seeds=2)
     result = evaluate_student(config)
     assert calls.count("test") == 2  # once per student, with its selected state
@@ -235,14 +237,19 @@ def test_model_selection_never_looks_at_test(tiny_clip_dir, tiny_dataset_dir, tm
         calls[:first_test] == ["validation"] * 3
     )  # steps 0, 2, 4 of seed 0, then its single test evaluation
     assert calls[first_test + 1 :] == ["validation"] * 3 + ["test"]
-    row = result["row"]
-    tests = [r["test"]["mean"] for r in result["runs"]]
-    assert row["mean"] == pytest.approx(np.mean(tests)) and row["mean_std"] == pytest.approx(
+    assert isinstance(result, StudentResult) and result.method == "herding"
+    row = result.row
+    tests = [r.test["mean"] for r in result.runs]
+    assert row.means["mean"] == pytest.approx(np.mean(tests)) and row.stds["mean"] == pytest.approx(
         np.std(tests, ddof=1)
     )
-    assert row["seeds"] == 2 and row["method"] == "Herding" and row["pairs"] == 8
+    assert row.seeds == 2 and row.label == "Herding" and row.pairs == 8
     saved = json.loads((tmp_path / "out" / "student_herding.json").read_text())
-    assert saved["row"] == row and "validation_history" in saved["runs"][0]
+    assert list(saved) == ["method", "row", "protocol", "runs", "config", "environment"]
+    assert saved["row"] == row.to_dict() and saved["row"]["method"] == "Herding"
+    assert saved["row"]["mean"] == row.means["mean"] and saved["row"]["mean_std"] == row.stds["mean"]
+    assert "validation_history" in saved["runs"][0]
+    assert StudentResult.from_dict(saved).to_dict() == saved
 
 
 def test_validation_hook_never_loads_test(
@@ -324,14 +331,16 @@ def test_paper_track_cross_architecture_student(tiny_model_dirs, tiny_dataset_di
     student = evaluator.build_student()
     assert type(student.vision.model).__name__ == "ResNetModel"
     assert isinstance(student.visual_projection, torch.nn.Identity)  # paper: the text side projects
-    assert isinstance(student.text_projection, students.ProjectionHead)  # the paper track's MLP text head
+    assert isinstance(
+        student.text_projection, student_model.ProjectionHead
+    )  # the paper track's MLP text head
     assert student.text_projection.projection.weight.shape == (16, evaluator.teacher.text_feature_dim)
     assert not student.log_logit_scale.requires_grad  # tau fixed at 0.07
     record = evaluator.run("kcenter", 0)
-    assert record["steps"] == 4 and [h["step"] for h in record["validation_history"]] == [0, 1, 2, 3, 4]
-    lrs = [entry["learning_rate"] for entry in record["train_loss"]]
+    assert record.steps == 4 and [h["step"] for h in record.validation_history] == [0, 1, 2, 3, 4]
+    lrs = [entry["learning_rate"] for entry in record.train_loss]
     assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01)  # x0.1 after epoch 2
-    assert all(0 <= record["test"][m] <= 100 for m in METRICS)
+    assert all(0 <= record.test[m] <= 100 for m in METRICS)
     with pytest.raises(ValueError, match="paper track trains an image backbone"):
         StudentEvaluator(dataclasses.replace(config, vision_model_name_or_path=None))
 
@@ -369,8 +378,10 @@ def test_siglip_student_and_a_separate_text_encoder(tiny_model_dirs, tiny_datase
 def test_compare_methods_prints_one_table_from_the_recipe(
     clip_evaluator, tiny_clip_dir, tiny_dataset_dir, tmp_path, capsys, monkeypatch
 ):
+    """The recipe's YAML still says ``methods: [mdm, ...]``: the deprecated alias runs the synthetic set, whose row
+    is labelled with the distiller its provenance names."""
     synthetic_dir = tmp_path / "synthetic"
-    real_pairs_as_synthetic(clip_evaluator).save_pretrained(synthetic_dir)
+    real_pairs_as_synthetic(clip_evaluator, method="MDM").save_pretrained(synthetic_dir)
     argv = [
         "evaluate_student.py",
         "--config", str(REPO / "recipes" / "configs" / "evaluate_tiny.yaml"),
@@ -395,8 +406,11 @@ def test_compare_methods_prints_one_table_from_the_recipe(
         assert label in printed, printed
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["MDM", "Random", "Herding", "K-Center", "Full train set"]
-    assert all(len(saved["runs"][m]) == 1 for m in ("mdm", "random", "herding", "kcenter", "full"))
+    assert list(saved["runs"]) == ["synthetic", "random", "herding", "kcenter", "full"]
+    assert all(len(saved["runs"][m]) == 1 for m in ("synthetic", "random", "herding", "kcenter", "full"))
+    assert list(saved) == ["protocol", "metric_names", "rows", "notes", "runs", "config", "environment"]
     assert (tmp_path / "cmp" / "comparison.md").read_text().strip() == format_results_table(saved)
+    assert Comparison.from_dict(saved).to_dict() == saved
     assert not (tmp_path / "cmp" / "students").exists()  # the Trainer saved nothing
 
 
@@ -419,9 +433,11 @@ def test_results_plug_into_the_synthetic_set_card(clip_evaluator, tmp_path):
     table = format_results_table(results)
     assert table.splitlines()[2] == "| MDM | 8 | " + " | ".join(["10.00 ± 1.00"] * 7) + " | 2 |"
     synthetic = real_pairs_as_synthetic(clip_evaluator)
-    synthetic.results = evaluation.card_results(results)
+    synthetic.results = student_results.card_results(results)
     card = str(synthetic.to_card())
     assert "| MDM | 8 |" in card and "runs" not in synthetic.results
+    typed = Comparison.from_dict(results)  # the typed result gives the same card results and table
+    assert student_results.card_results(typed) == synthetic.results and format_results_table(typed) == table
 
 
 class _FakeSet:
@@ -438,6 +454,8 @@ def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_p
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, keep_pretrained_head=True, track="paper")
     config = small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, num_pairs=None)
     with pytest.raises(ValueError, match="only comparable at the same K"):
+        StudentEvaluator(dataclasses.replace(config, num_pairs=3)).pairs("synthetic", 0, synthetic=_FakeSet())
+    with pytest.raises(ValueError, match="only comparable at the same K"), pytest.warns(DeprecationWarning):
         StudentEvaluator(dataclasses.replace(config, num_pairs=3)).pairs("mdm", 0, synthetic=_FakeSet())
     with pytest.raises(ValueError, match="needs a synthetic set"):
         StudentEvaluator(config).load_synthetic()
@@ -446,7 +464,7 @@ def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_p
 
 
 def test_student_logit_scale_is_exponentiated_once():
-    student = students.StudentModel(torch.nn.Flatten(), 12, 5, 4, temperature=0.05)
+    student = student_model.StudentModel(torch.nn.Flatten(), 12, 5, 4, temperature=0.05)
     img, txt = torch.randn(3, 3, 2, 2), torch.randn(3, 5)
     zi, zt = student(img, txt)
     torch.testing.assert_close(zi.norm(dim=-1), torch.ones(3))
@@ -456,7 +474,7 @@ def test_student_logit_scale_is_exponentiated_once():
 
 def test_projection_head_matches_its_formula():
     torch.manual_seed(0)
-    head = students.ProjectionHead(5, 4).eval()  # eval: dropout off
+    head = student_model.ProjectionHead(5, 4).eval()  # eval: dropout off
     x = torch.randn(3, 5)
     p = x @ head.projection.weight.T + head.projection.bias
     h = p + (F.gelu(p) @ head.fc.weight.T + head.fc.bias)
@@ -479,11 +497,12 @@ def test_vision_backbone_from_an_inline_config_on_the_clip_track(clip_evaluator)
 def test_large_splits_are_decoded_lazily_with_identical_results(clip_evaluator):
     config = dataclasses.replace(clip_evaluator.config, max_cached_images=0)
     lazy = StudentEvaluator(config, teacher=clip_evaluator.teacher)
-    assert isinstance(lazy.validation.images, evaluation.LazyImages)
+    assert isinstance(lazy.validation.images, student_trainer.LazyImages)
     torch.testing.assert_close(lazy.validation.images[3], clip_evaluator.validation.images[3])
     torch.manual_seed(0)
     student = clip_evaluator.build_student()
-    assert evaluation.evaluate_split(student, lazy.validation, batch_size=3) == evaluation.evaluate_split(
+    evaluate_split = student_evaluator.evaluate_split
+    assert evaluate_split(student, lazy.validation, batch_size=3) == evaluate_split(
         student, clip_evaluator.validation
     )
     torch.testing.assert_close(lazy.joint_features(), clip_evaluator.joint_features())
@@ -507,3 +526,53 @@ def test_distiller_selects_its_synthetic_set_with_the_student_hook(tiny_clip_dir
     assert [h["step"] for h in history] == [2, 4]
     assert all(0 <= h["mean"] <= 100 and "ir@1" in h for h in history)
     assert hook.evaluator._test is None  # the test split was never loaded
+
+
+def test_coreset_features_are_the_teachers_joint_features_of_every_pair(clip_evaluator):
+    """The evaluator's coreset features come from data.embed_pairs; all pairs embedded at once give the same."""
+    train, teacher = clip_evaluator.train_split(), clip_evaluator.teacher
+    with torch.no_grad():
+        zv = teacher.image_embeds(train["teacher_pixels"])[train["caption_to_image"]]
+        zt = teacher.project_text(train["text_features"])
+    torch.testing.assert_close(clip_evaluator.joint_features(), joint_features(zv, zt))
+    via_embed_pairs = joint_features(
+        *embed_pairs(teacher, train["data"], train["text_features"], train["teacher_pixels"])
+    )
+    assert torch.equal(clip_evaluator.joint_features(), via_embed_pairs)
+
+
+def test_mdm_is_a_deprecated_alias_of_synthetic(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    with pytest.warns(DeprecationWarning, match="'mdm' is deprecated"):
+        config = small_config(
+            tiny_clip_dir, tiny_dataset_dir, tmp_path, method="mdm", methods=["mdm", "random"]
+        )
+    assert config.method == "synthetic" and config.methods == ["synthetic", "random"]
+    assert config.to_dict()["method"] == "synthetic"
+    with pytest.raises(ValueError, match="methods contains 'forgetting'"):
+        small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, methods=["random", "forgetting"])
+
+
+def test_the_old_import_paths_still_work():
+    """``mdm_hf.evaluation`` is the documented home of retrieval_metrics and re-exports the student API;
+    ``mdm_hf.students`` (now a package) still gives the student models."""
+    from mdm_hf import evaluation, retrieval, students
+    from mdm_hf.evaluation import retrieval_metrics
+    from mdm_hf.students import PixelSpace as package_pixel_space
+    from mdm_hf.students import ProjectionHead, StudentModel
+
+    assert retrieval_metrics is retrieval.retrieval_metrics
+    new_homes = {
+        "StudentConfig": StudentConfig, "StudentEvaluator": StudentEvaluator, "evaluate_student": evaluate_student,
+        "compare_methods": student_evaluator.compare_methods, "student_validation_fn": student_validation_fn,
+        "card_results": student_results.card_results, "format_results_table": format_results_table,
+        "evaluate_main": students.evaluate_main, "PixelSpace": PixelSpace, "convert_pixels": convert_pixels,
+        "StudentModel": StudentModel, "StudentTrainer": student_trainer.StudentTrainer,
+        "ValidationSelectionCallback": student_trainer.ValidationSelectionCallback,
+    }  # fmt: skip
+    for name, obj in new_homes.items():
+        assert name in evaluation.__all__ and getattr(evaluation, name) is obj, name
+    assert "synthetic" in evaluation.METHODS and evaluation.METRIC_NAMES == student_results.METRIC_NAMES
+    assert package_pixel_space is PixelSpace and ProjectionHead is student_model.ProjectionHead
+    assert hasattr(students, "__path__")  # a package, no longer the students.py module
+    with pytest.warns(DeprecationWarning, match="FeaturePairDataset"):
+        assert evaluation.PairDataset is student_trainer.FeaturePairDataset

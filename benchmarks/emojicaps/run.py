@@ -1,4 +1,4 @@
-"""The EmojiCaps benchmark (BENCHMARKS.md protocol, issue 7): quality of MDM against coresets and full data.
+"""The EmojiCaps benchmark (docs/benchmarks.md protocol, issue 7): quality of MDM against coresets and full data.
 
     python benchmarks/emojicaps/run.py                 # full protocol -> benchmarks/results/emojicaps.{json,md,png}
     python benchmarks/emojicaps/run.py --quick         # small smoke run (no result files)
@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 
+from mdm_hf.bank import load_expert_bank
+from mdm_hf.config import MDMConfig
 from mdm_hf.demo import DemoConfig, build_data, student_config, train_anchor, train_experts
+from mdm_hf.distill import MDMDistiller
+from mdm_hf.models import DualEncoder
+from mdm_hf.students import Comparison, compare_methods, student_validation_fn
+from mdm_hf.synthetic import SyntheticSet
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -53,11 +59,6 @@ def distill_k(
     cfg: DemoConfig, data: Path, anchor: Path, bank: Path | None, work: Path, k: int, tag: str, **mdm
 ):
     """One MDM run with the validation hook; returns (SyntheticSet, record) and caches both."""
-    from mdm_hf.config import MDMConfig
-    from mdm_hf.distill import MDMDistiller
-    from mdm_hf.evaluation import student_validation_fn
-    from mdm_hf.synthetic import SyntheticSet
-
     out = work / f"mdm-{tag}"
     record_path = out / "record.json"
     if record_path.exists() and (out / "synthetic" / "mdm_synthetic.json").exists():
@@ -91,25 +92,24 @@ def distill_k(
     return synthetic, record
 
 
-def compare(cfg: DemoConfig, data: Path, anchor: Path, work: Path, k: int, methods, synthetic=None) -> dict:
-    from mdm_hf.evaluation import compare_methods
-
+def compare(
+    cfg: DemoConfig, data: Path, anchor: Path, work: Path, k: int, methods, synthetic=None
+) -> Comparison:
+    """Students on ``methods`` at budget ``k`` (cached as JSON under ``work``)."""
     path = work / f"students-k{k}-{'-'.join(methods)}.json"
     cached = _json(path)
     if cached is not None:
-        return cached
+        return Comparison.from_dict(cached)
     sc = student_config(
         cfg, data, anchor, work / f"students-k{k}", num_pairs=k, full_max_steps=2 * cfg.student_steps
     )
     results = compare_methods(sc, methods=methods, synthetic=synthetic)
-    return _json(path, {k2: v for k2, v in results.items()})
+    _json(path, results.to_dict())
+    return results
 
 
 def ablations(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path, only=None) -> dict:
     """Validation-only ablations at K=100 (best validation mean recall of the distiller's hook)."""
-    from mdm_hf.experts import load_expert_bank
-    from mdm_hf.models import DualEncoder
-
     out = {}
     runs = {
         "init: random": dict(init="random"),
@@ -138,10 +138,6 @@ def ablations(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path,
 
 
 def _single_expert(cfg, data, anchor, work, teacher, bank) -> dict:
-    from mdm_hf.config import MDMConfig
-    from mdm_hf.distill import MDMDistiller
-    from mdm_hf.evaluation import student_validation_fn
-
     out = work / "mdm-ablate-single-expert"
     cached = _json(out / "record.json")
     if cached is not None:
@@ -162,7 +158,7 @@ def _single_expert(cfg, data, anchor, work, teacher, bank) -> dict:
     return _json(out / "record.json", rec)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -178,7 +174,31 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--ablations", nargs="+", default=None, help="names of the ablations to run (default all)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run_budgets(cfg: DemoConfig, data: Path, anchor: Path, bank: Path, work: Path, budgets: list[int]):
+    """Full data once, then MDM and the coresets at every budget; returns (rows as dicts, distillation records,
+    the full-data comparison)."""
+    rows, distill_records = [], {}
+    full = compare(cfg, data, anchor, work, budgets[0], ["full"])
+    for k in budgets:
+        synthetic, rec = distill_k(cfg, data, anchor, bank, work, k, f"k{k}")
+        distill_records[k] = rec
+        res = compare(
+            cfg, data, anchor, work, k, ["synthetic", "random", "herding", "kcenter"], synthetic=synthetic
+        )
+        rows += [r.to_dict() for r in res.rows]
+        print(
+            "\n".join(f"K={k} {r.label}: {r.means['mean']:.2f} ± {r.stds['mean']:.2f}" for r in res.rows),
+            flush=True,
+        )
+    rows += [r.to_dict() for r in full.rows]
+    return rows, distill_records, full
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = replace(BENCH, student_seeds=args.seeds)
     if args.quick:
@@ -198,20 +218,7 @@ def main(argv=None) -> int:
         print(json.dumps(abl, indent=2))
         return 0
 
-    rows, distill_records = [], {}
-    full = compare(cfg, data, anchor, work, args.budgets[0], ["full"])
-    for k in args.budgets:
-        synthetic, rec = distill_k(cfg, data, anchor, bank, work, k, f"k{k}")
-        distill_records[k] = rec
-        res = compare(
-            cfg, data, anchor, work, k, ["mdm", "random", "herding", "kcenter"], synthetic=synthetic
-        )
-        rows += res["rows"]
-        print(
-            "\n".join(f"K={k} {r['method']}: {r['mean']:.2f} ± {r['mean_std']:.2f}" for r in res["rows"]),
-            flush=True,
-        )
-    rows += full["rows"]
+    rows, distill_records, full = run_budgets(cfg, data, anchor, bank, work, args.budgets)
     stage_seconds["main"] = time.perf_counter() - start
     abl = _json(work / "ablations.json")
     if abl is None and not (args.skip_ablations or args.quick):
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/emojicaps/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "threads": torch.get_num_threads()},  # fmt: skip
-        "config": asdict(cfg), "protocol": full["protocol"], "rows": rows, "distillation": distill_records,
+        "config": asdict(cfg), "protocol": full.protocol, "rows": rows, "distillation": distill_records,
         "ablations_validation": abl, "analysis": summary, "stage_seconds": stage_seconds,
     }  # fmt: skip
     print(render(result))

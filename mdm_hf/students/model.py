@@ -1,5 +1,6 @@
 """Students: dual encoders whose cross-modal head starts untrained, so the K training pairs must teach it the
-image-text alignment (MDM.md §5, arXiv 2605.23482). How they are trained and scored is :mod:`mdm_hf.evaluation`.
+image-text alignment (docs/method.md §5, arXiv 2605.23482). How they are trained is :mod:`mdm_hf.students.trainer`,
+how they are scored :mod:`mdm_hf.students.evaluator`.
 
 * **vision tower** -- trained in full. CLIP/SigLIP track (``track="clip"``): the vision tower of a dual-encoder
   checkpoint (by default the teacher's anchor). Paper track (``track="paper"``): an image backbone loaded with
@@ -27,16 +28,28 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
-if TYPE_CHECKING:
-    from .evaluation import StudentConfig
+from ..models import SUPPORTED_MODEL_TYPES, DualEncoder
+from .config import StudentConfig
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FrozenTextEncoder",
+    "PixelSpace",
+    "PretrainedHead",
+    "ProjectionHead",
+    "StudentModel",
+    "VisionBackbone",
+    "backbone_feature_dim",
+    "convert_pixels",
+    "load_vision_backbone",
+]
 
 
 # ============================================================================================ pixel spaces
@@ -243,10 +256,6 @@ def load_vision_backbone(
     config: StudentConfig, teacher
 ) -> tuple[VisionBackbone, PixelSpace, PretrainedHead | None]:
     """The student's vision tower (a CPU copy), its pixel space and, from a dual encoder, its pretrained head."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
-    from .models import SUPPORTED_MODEL_TYPES, DualEncoder
-
     teacher_space = PixelSpace.make(teacher.image_mean, teacher.image_std, teacher.image_size)
     name, head, space = config.vision_model_name_or_path, None, None
     if config.vision_config is not None:
@@ -323,8 +332,6 @@ class FrozenTextEncoder(nn.Module):
     def from_pretrained(
         cls, name: str, revision: str | None = None, pooling: str = "cls"
     ) -> FrozenTextEncoder:
-        from transformers import AutoModel, AutoTokenizer
-
         model = AutoModel.from_pretrained(name, revision=revision)
         return cls(model, AutoTokenizer.from_pretrained(name, revision=revision), name, revision, pooling)
 
