@@ -10,19 +10,22 @@ A template starts with ``---\\n{{ card_data }}\\n---`` (the YAML metadata that `
 ``DatasetCardData`` / ``ModelCardData``); every other ``{{ variable }}`` comes from the keyword arguments of
 :func:`render_dataset_card` / :func:`render_model_card`, which also provide the one citation of the paper
 (``mdm_reference``, ``mdm_bibtex``) and of Model Stock (``model_stock_reference``, ``model_stock_bibtex``).
-The results table of a synthetic set's card is :func:`results_table` (evaluation protocol: ``docs/method.md §5``).
+The results table of a synthetic set's card is :func:`results_table`, the package's one results renderer (evaluation protocol: ``docs/method.md §5``).
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 from .hub import hub_license, is_hub_reference, size_category
+from .retrieval import METRIC_NAMES
 
 __all__ = [
     "MDM_BIBTEX",
@@ -73,7 +76,6 @@ SYNTHETIC_TAGS = ["dataset-distillation", "mdm", "synthetic", "vision-language"]
 SYNTHETIC_TASK_CATEGORIES = ["image-to-text", "text-to-image", "feature-extraction"]
 BANK_TEMPLATE = "expert_bank_card"
 EMOJICAPS_TEMPLATE = "emojicaps_card"
-_DEFAULT_METRICS = ["ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10"]
 
 
 # ====================================================================== templates
@@ -118,6 +120,38 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _value(mean, std=None) -> str:
+    if mean is None:
+        return "–"
+    try:
+        text = f"{float(mean):.2f}"
+    except (TypeError, ValueError):
+        return _cell(mean)
+    return f"{text} ± {float(std):.2f}" if std is not None else text
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str] | None = None) -> str:
+    """The package's one markdown results table: a row per method, ``mean ± std`` per metric (``.2f``, recall in
+    %). ``rows`` are row dicts (``method``, ``pairs``, ``<metric>``, ``<metric>_std``, ``seeds``), as a card's
+    results and ``comparison.json`` hold them; typed results render through
+    :func:`mdm_hf.students.results.format_results_table`. ``"mean"`` is always the last metric column; a missing
+    value shows as ``–``, a row without ``pairs`` as ``all``."""
+    metrics = [m for m in (metric_names or METRIC_NAMES) if m != "mean"]
+    header = ["Method", "Pairs", *(m.upper() for m in metrics), "Mean", "Seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in rows:
+        pairs, seeds = row.get("pairs"), row.get("seeds")
+        cells = [
+            _cell(row.get("method", "?")),
+            "all" if pairs is None else _cell(pairs),
+            *(_value(row.get(m), row.get(f"{m}_std")) for m in metrics),
+            _value(row.get("mean"), row.get("mean_std")),
+            "–" if seeds is None else _cell(seeds),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _link(name, kind: str) -> str:
     """Markdown link to a Hub repo for Hub ids, plain code span for local paths."""
     name = str(name)
@@ -129,41 +163,6 @@ def _link(name, kind: str) -> str:
 
 def _with_revision(name, revision) -> str:
     return f"{name} @ `{_cell(revision)}`" if revision else name
-
-
-def _fmt(mean, std=None) -> str:
-    """``mean ± std`` with two decimals (the one rounding of results in mdm-hf); ``–`` when missing."""
-    if mean is None:
-        return "–"
-    try:
-        text = f"{float(mean):.2f}"
-    except (TypeError, ValueError):
-        return _cell(mean)
-    return f"{text} ± {float(std):.2f}" if std is not None else text
-
-
-def results_table(results: dict) -> str:
-    """Markdown table of a card's results dict, one row per method, metrics as ``mean ± std`` (two decimals).
-
-    ``results`` is the JSON shape stored in a synthetic set's metadata (see :class:`mdm_hf.synthetic.SyntheticSet`):
-    ``{"metric_names": [...], "rows": [{"method", "pairs", "<metric>", "<metric>_std", "mean", "mean_std",
-    "seeds"}, ...]}``; ``pairs = None`` is the full-data row ("all"), a missing value is ``–``. Recall in percent,
-    IR = text → image, TR = image → text (``docs/method.md §5``).
-    """
-    metrics = [m for m in (results.get("metric_names") or _DEFAULT_METRICS) if m != "mean"]
-    header = ["Method", "Pairs", *[m.upper() for m in metrics], "Mean", "Seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in results.get("rows") or []:
-        pairs = row.get("pairs")
-        cells = [
-            _cell(row.get("method", "?")),
-            "all" if pairs is None else _cell(pairs),
-            *[_fmt(row.get(m), row.get(f"{m}_std")) for m in metrics],
-            _fmt(row.get("mean"), row.get("mean_std")),
-            _cell(row.get("seeds", "–")),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # ====================================================================== the synthetic set's dataset card
@@ -262,7 +261,9 @@ def synthetic_dataset_card(synthetic_set, repo_id: str | None = None) -> Dataset
         license_text=prov.get("license") or "unknown",
         provenance_rows=_provenance_rows(prov),
         config_yaml=yaml.safe_dump(config, sort_keys=False, allow_unicode=True).strip() or "{}",
-        results_table=results_table(results) if results else None,
+        results_table=results_table(results.get("rows") or [], results.get("metric_names"))
+        if results
+        else None,
         results_protocol=(results or {}).get("protocol") or "not recorded",
         results_notes=(results or {}).get("notes"),
         repo_id=repo_id or "<namespace>/<name>",

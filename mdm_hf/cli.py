@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from accelerate import PartialState
@@ -24,9 +25,12 @@ from accelerate import PartialState
 from .anchor import AnchorPretrainingConfig, pretrain_anchor
 from .bank import bank_size_bytes, push_expert_bank
 from .config import MDMConfig, parse_dataclass_args
+from .demo import DemoConfig, run_demo
+from .demo import __doc__ as demo_doc
 from .distill import MDMDistiller
 from .emojicaps import build_emojicaps, default_emojicaps_dir
 from .experts import ExpertTrainingConfig, train_expert_bank
+from .students import StudentConfig, compare_methods, evaluate_student, format_results_table
 
 
 def distill_main(argv: Sequence[str]) -> int:
@@ -71,10 +75,15 @@ def anchor_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _evaluate(argv: Sequence[str]) -> int:
-    from .evaluation import evaluate_main
-
-    return evaluate_main(argv)
+def evaluate_main(argv: Sequence[str]) -> int:
+    """``mdm-hf evaluate``: one method (``--method``), or ``--methods ...`` compared under one protocol."""
+    config = parse_dataclass_args(StudentConfig, argv, prog="mdm-hf evaluate")
+    result = compare_methods(config) if config.methods else evaluate_student(config)
+    print(format_results_table(result))
+    print(f"\nProtocol: {result.protocol}")
+    if config.output_dir:
+        print(f"Results written to {os.path.abspath(config.output_dir)}")
+    return 0
 
 
 def data_main(argv: Sequence[str]) -> int:
@@ -104,10 +113,20 @@ def _tm_buffer(argv: Sequence[str]) -> int:
     return buffer_main(argv)
 
 
-def _demo(argv: Sequence[str]) -> int:
-    from .demo import demo_main
-
-    return demo_main(argv)
+def demo_main(argv: Sequence[str]) -> int:
+    """``mdm-hf demo [--quick]``: the whole pipeline offline on EmojiCaps."""
+    parser = argparse.ArgumentParser(prog="mdm-hf demo", description=demo_doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the < 3 minute preset")
+    parser.add_argument("--output_dir", default="mdm-demo")
+    parser.add_argument("--data_dir", default=None, help="where EmojiCaps is built / found")
+    parser.add_argument("--num_pairs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    overrides = {"output_dir": args.output_dir, "data_dir": args.data_dir, "num_pairs": args.num_pairs,
+                 "seed": args.seed}  # fmt: skip
+    cfg = DemoConfig.quick(**overrides) if args.quick else replace(DemoConfig(), **overrides)
+    run_demo(cfg)
+    return 0
 
 
 # What a user can cause -- a bad flag value, file, dataset, checkpoint, a missing package or Hub access, a run
@@ -118,11 +137,14 @@ COMMANDS = {
     "distill": (distill_main, "Distill a dataset into synthetic pairs with MDM."),
     "experts": (experts_main, "Train LoRA (or full) experts from an anchor into an expert bank."),
     "anchor": (anchor_main, "Pre-train a small dual-encoder anchor (vision tower + frozen text encoder)."),
-    "evaluate": (_evaluate, "Train students on a synthetic set or coresets; validation-selected, test once."),
+    "evaluate": (
+        evaluate_main,
+        "Train students on a synthetic set or coresets; validation-selected, test once.",
+    ),
     "data": (data_main, "Build a dataset offline (emojicaps)."),
     "tm": (_tm, "Baseline: distill with trajectory matching (MTT-VL / LoRS style) for comparisons."),
     "tm-buffer": (_tm_buffer, "Baseline: record the SGD expert trajectories that `mdm-hf tm` matches."),
-    "demo": (_demo, "The whole pipeline offline on EmojiCaps: anchor, experts, MDM, students, card."),
+    "demo": (demo_main, "The whole pipeline offline on EmojiCaps: anchor, experts, MDM, students, card."),
 }
 
 

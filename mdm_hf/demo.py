@@ -16,12 +16,10 @@ Stages (each reused when its output already exists, so a second run is fast):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .anchor import AnchorPretrainingConfig, pretrain_anchor
@@ -223,18 +221,3 @@ def run_demo(cfg: DemoConfig) -> dict:
         "'<user>/emojicaps-experts'))"
     )
     return summary
-
-
-def demo_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mdm-hf demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the < 3 minute preset")
-    parser.add_argument("--output_dir", default="mdm-demo")
-    parser.add_argument("--data_dir", default=None, help="where EmojiCaps is built / found")
-    parser.add_argument("--num_pairs", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    overrides = {"output_dir": args.output_dir, "data_dir": args.data_dir, "num_pairs": args.num_pairs,
-                 "seed": args.seed}  # fmt: skip
-    cfg = DemoConfig.quick(**overrides) if args.quick else replace(DemoConfig(), **overrides)
-    run_demo(cfg)
-    return 0

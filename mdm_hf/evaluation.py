@@ -7,7 +7,6 @@ name this module exported before the split is re-exported from its new home:
 * students and pixel spaces -- :mod:`mdm_hf.students.model`;
 * training -- :mod:`mdm_hf.students.trainer`; evaluation -- :mod:`mdm_hf.students.evaluator`;
 * typed results and the results table -- :mod:`mdm_hf.students.results`;
-* ``mdm-hf evaluate`` -- :mod:`mdm_hf.students.cli`.
 
 ``PairDataset`` (the student's feature pairs) is deprecated: it is :class:`~mdm_hf.students.FeaturePairDataset`
 (:class:`mdm_hf.data.PairDataset` is the real pairs by caption index).
@@ -18,7 +17,6 @@ from __future__ import annotations
 import warnings
 
 from .retrieval import retrieval_metric_path, retrieval_metrics
-from .students.cli import evaluate_main
 from .students.config import METHODS, PRESETS, StudentConfig
 from .students.evaluator import (
     EvalSplit,
@@ -69,7 +67,6 @@ __all__ = [
     "card_results",
     "compare_methods",
     "convert_pixels",
-    "evaluate_main",
     "evaluate_split",
     "evaluate_student",
     "format_results_table",

@@ -25,7 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["retrieval_metric_path", "retrieval_metrics", "retrieval_ranks"]
+__all__ = ["METRIC_NAMES", "retrieval_metric_path", "retrieval_metrics", "retrieval_ranks"]
+
+# The keys of retrieval_metrics at the paper's cut-offs (docs/method.md §5), in table order.
+METRIC_NAMES = ("ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean")
 
 
 def retrieval_metric_path() -> str:

@@ -10,7 +10,7 @@ validation split, one test evaluation per student, mean ± std over seeds, JSON 
 
 import sys
 
-from mdm_hf.students import evaluate_main
+from mdm_hf.cli import evaluate_main
 
 if __name__ == "__main__":
     sys.exit(evaluate_main(sys.argv[1:]))

@@ -565,7 +565,7 @@ def test_the_old_import_paths_still_work():
         "StudentConfig": StudentConfig, "StudentEvaluator": StudentEvaluator, "evaluate_student": evaluate_student,
         "compare_methods": student_evaluator.compare_methods, "student_validation_fn": student_validation_fn,
         "card_results": student_results.card_results, "format_results_table": format_results_table,
-        "evaluate_main": students.evaluate_main, "PixelSpace": PixelSpace, "convert_pixels": convert_pixels,
+        "PixelSpace": PixelSpace, "convert_pixels": convert_pixels,
         "StudentModel": StudentModel, "StudentTrainer": student_trainer.StudentTrainer,
         "ValidationSelectionCallback": student_trainer.ValidationSelectionCallback,
     }  # fmt: skip

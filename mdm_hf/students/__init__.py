@@ -11,43 +11,55 @@ module                 what it holds
                        :func:`student_validation_fn`
 ``students.results``   typed results (:class:`StudentRecord`, :class:`ResultRow`, :class:`StudentResult`,
                        :class:`Comparison`) and the one table renderer :func:`format_results_table`
-``students.cli``       :func:`evaluate_main` (``mdm-hf evaluate``)
 =====================  =====================================================================================
 
-Every name is importable from ``mdm_hf.students`` directly. Submodules load on first use, so importing
-``mdm_hf.students.results`` (e.g. for a dataset card's table) does not import the trainer or the evaluator.
+Every name is importable from ``mdm_hf.students`` directly. ``mdm-hf evaluate`` is :func:`mdm_hf.cli.evaluate_main`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
-
-# name -> submodule. Loaded lazily (PEP 562): the evaluator imports mdm_hf.synthetic, and a card renderer there
-# may import students.results; an eager package __init__ would turn that into an import cycle.
-_EXPORTS = {
-    "config": (
-        "METHODS", "METHOD_ALIASES", "PRESETS", "StudentConfig", "canonical_method", "check_methods",
-    ),
-    "model": (
-        "FrozenTextEncoder", "PixelSpace", "PretrainedHead", "ProjectionHead", "StudentModel", "VisionBackbone",
-        "backbone_feature_dim", "convert_pixels", "load_vision_backbone",
-    ),
-    "trainer": (
-        "FeaturePairDataset", "LazyImages", "StudentRun", "StudentTrainer", "ValidationSelectionCallback",
-        "fit_student",
-    ),
-    "evaluator": (
-        "DEFAULT_METHODS", "EvalSplit", "StudentEvaluator", "compare_methods", "environment", "evaluate_split",
-        "evaluate_student", "student_validation_fn",
-    ),
-    "results": (
-        "METHOD_LABELS", "METRIC_NAMES", "Comparison", "ResultRow", "StudentRecord", "StudentResult",
-        "card_results", "format_results_table", "method_label", "save_results",
-    ),
-    "cli": ("evaluate_main",),
-}  # fmt: skip
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+from .config import METHOD_ALIASES, METHODS, PRESETS, StudentConfig, canonical_method, check_methods
+from .evaluator import (
+    DEFAULT_METHODS,
+    EvalSplit,
+    StudentEvaluator,
+    compare_methods,
+    environment,
+    evaluate_split,
+    evaluate_student,
+    student_validation_fn,
+)
+from .model import (
+    FrozenTextEncoder,
+    PixelSpace,
+    PretrainedHead,
+    ProjectionHead,
+    StudentModel,
+    VisionBackbone,
+    backbone_feature_dim,
+    convert_pixels,
+    load_vision_backbone,
+)
+from .results import (
+    METHOD_LABELS,
+    METRIC_NAMES,
+    Comparison,
+    ResultRow,
+    StudentRecord,
+    StudentResult,
+    card_results,
+    format_results_table,
+    method_label,
+    save_results,
+)
+from .trainer import (
+    FeaturePairDataset,
+    LazyImages,
+    StudentRun,
+    StudentTrainer,
+    ValidationSelectionCallback,
+    fit_student,
+)
 
 __all__ = [
     "Comparison",
@@ -81,7 +93,6 @@ __all__ = [
     "compare_methods",
     "convert_pixels",
     "environment",
-    "evaluate_main",
     "evaluate_split",
     "evaluate_student",
     "fit_student",
@@ -91,58 +102,3 @@ __all__ = [
     "save_results",
     "student_validation_fn",
 ]
-
-if TYPE_CHECKING:
-    from .cli import evaluate_main
-    from .config import METHOD_ALIASES, METHODS, PRESETS, StudentConfig, canonical_method, check_methods
-    from .evaluator import (
-        DEFAULT_METHODS,
-        EvalSplit,
-        StudentEvaluator,
-        compare_methods,
-        environment,
-        evaluate_split,
-        evaluate_student,
-        student_validation_fn,
-    )
-    from .model import (
-        FrozenTextEncoder,
-        PixelSpace,
-        PretrainedHead,
-        ProjectionHead,
-        StudentModel,
-        VisionBackbone,
-        backbone_feature_dim,
-        convert_pixels,
-        load_vision_backbone,
-    )
-    from .results import (
-        METHOD_LABELS,
-        METRIC_NAMES,
-        Comparison,
-        ResultRow,
-        StudentRecord,
-        StudentResult,
-        card_results,
-        format_results_table,
-        method_label,
-        save_results,
-    )
-    from .trainer import (
-        FeaturePairDataset,
-        LazyImages,
-        StudentRun,
-        StudentTrainer,
-        ValidationSelectionCallback,
-        fit_student,
-    )
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cards import results_table
+from ..retrieval import METRIC_NAMES
 from .config import METHOD_ALIASES
 
 __all__ = [
@@ -40,7 +42,6 @@ __all__ = [
     "save_results",
 ]
 
-METRIC_NAMES = ("ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean")
 METHOD_LABELS = {
     "synthetic": "Synthetic set",
     "random": "Random",
@@ -290,20 +291,6 @@ def _rows_and_names(results) -> tuple[list, Sequence[str] | None]:
     return list(results), None
 
 
-def _cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _value(mean, std=None) -> str:
-    if mean is None:
-        return "–"
-    try:
-        text = f"{float(mean):.2f}"
-    except (TypeError, ValueError):
-        return _cell(mean)
-    return f"{text} ± {float(std):.2f}" if std is not None else text
-
-
 def format_results_table(
     results: Comparison | StudentResult | Mapping[str, Any] | Sequence[ResultRow | Mapping[str, Any]],
     metric_names: Sequence[str] | None = None,
@@ -318,21 +305,8 @@ def format_results_table(
             always the last metric column. A missing value shows as ``–``, a row without ``pairs`` as ``all``.
     """
     rows, names = _rows_and_names(results)
-    metrics = [m for m in (metric_names or names or METRIC_NAMES) if m != "mean"]
-    header = ["Method", "Pairs", *(m.upper() for m in metrics), "Mean", "Seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for row in rows:
-        row = row.to_dict() if isinstance(row, ResultRow) else row
-        pairs, seeds = row.get("pairs"), row.get("seeds")
-        cells = [
-            _cell(row.get("method", "?")),
-            "all" if pairs is None else _cell(pairs),
-            *(_value(row.get(m), row.get(f"{m}_std")) for m in metrics),
-            _value(row.get("mean"), row.get("mean_std")),
-            "–" if seeds is None else _cell(seeds),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [row.to_dict() if isinstance(row, ResultRow) else row for row in rows]
+    return results_table(rows, metric_names or names or METRIC_NAMES)
 
 
 def save_results(result: Comparison | StudentResult, output_dir: str | os.PathLike | None, name: str) -> None:
