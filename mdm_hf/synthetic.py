@@ -8,7 +8,7 @@ text encoder's pooled output (``docs/method.md §2``). On disk and on the Hub it
     README.md                          dataset card (hub_cards/synthetic_dataset_card.md, :mod:`mdm_hf.cards`)
     preview.png                        a grid of the synthetic images
     mdm_synthetic.json                 provenance, results, image_mean/std, shapes, format version
-    data/train-00000-of-00001.parquet  columns: image, pixel_values, text_features, captions, caption,
+    data/train-<fingerprint>-00000-of-00001.parquet  columns: image, pixel_values, text_features, captions, caption,
                                        source_index, source_image_index
 
 ``pixel_values`` and ``text_features`` are stored as float32 Arrow values, so they come back bit for bit. Talking to
@@ -18,6 +18,7 @@ the Hub (ids, download, upload, token scrubbing) is :mod:`mdm_hf.hub`; the card 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -305,6 +306,16 @@ class SyntheticSet:
         )
 
     # ------------------------------------------------------------------ metadata and card
+    def content_fingerprint(self) -> str:
+        """A hash of the set's contents (tensors, captions, sources). It names the parquet shards, because
+        ``datasets`` caches a local folder by its name and ``data_files`` patterns, not by its contents: two sets
+        saved in folders of the same name would otherwise load as one."""
+        digest = hashlib.sha256()
+        for tensor in (self.pixel_values, self.text_features):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(json.dumps([self.captions, list(self.source_indices)], default=str).encode())
+        return digest.hexdigest()[:12]
+
     def metadata(self) -> dict:
         """The content of ``mdm_synthetic.json`` (token-like keys removed)."""
         return jsonable(
@@ -381,11 +392,13 @@ class SyntheticSet:
                 (directory / name).unlink(missing_ok=True)
         (directory / DATA_DIR).mkdir(parents=True, exist_ok=True)
 
-        k = len(self)
+        k, fingerprint = len(self), self.content_fingerprint()
         num_shards = math.ceil(k / per_shard)
         for i in range(num_shards):
             part = self._dataset_rows(i * per_shard, min(k, (i + 1) * per_shard))
-            part.to_parquet(str(directory / DATA_DIR / f"train-{i:05d}-of-{num_shards:05d}.parquet"))
+            part.to_parquet(
+                str(directory / DATA_DIR / f"train-{fingerprint}-{i:05d}-of-{num_shards:05d}.parquet")
+            )
         self.preview().save(directory / PREVIEW_FILE)
         meta = self.metadata()
         (directory / METADATA_FILE).write_text(

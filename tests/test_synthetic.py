@@ -140,7 +140,8 @@ def test_save_pretrained_opens_with_load_dataset_and_restores_bitwise(tmp_path):
     s.save_pretrained(out)
 
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["README.md", "data/train-00000-of-00001.parquet", "mdm_synthetic.json", "preview.png"]
+    shard = f"data/train-{s.content_fingerprint()}-00000-of-00001.parquet"
+    assert files == ["README.md", shard, "mdm_synthetic.json", "preview.png"]
 
     ds = load_local(out, tmp_path)["train"]  # no custom code: the parquet builder and the card's configs
     assert ds.num_rows == K
@@ -188,7 +189,8 @@ def test_sharding_keeps_order_and_overwrite_removes_stale_shards(tmp_path):
     s.save_pretrained(out, max_shard_size="3KB")
     shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
     n = len(shards)
-    assert 2 <= n <= 7 and shards == [f"train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    fp = s.content_fingerprint()
+    assert 2 <= n <= 7 and shards == [f"train-{fp}-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
     ds = load_local(out, tmp_path)["train"]
     assert ds["source_index"] == [10 * i for i in range(7)]
     back = SyntheticSet.from_pretrained(out)
@@ -201,7 +203,8 @@ def test_sharding_keeps_order_and_overwrite_removes_stale_shards(tmp_path):
     (out / "notes.txt").write_text("kept")
     smaller = make_set(k=2)
     smaller.save_pretrained(out, overwrite=True)
-    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == ["train-00000-of-00001.parquet"]
+    shard = f"train-{smaller.content_fingerprint()}-00000-of-00001.parquet"
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == [shard]
     assert (out / "notes.txt").read_text() == "kept"
     assert len(SyntheticSet.from_pretrained(out)) == 2
 
@@ -269,9 +272,8 @@ def test_card_metadata_and_body(tmp_path):
     assert data.size_categories == ["n<1K"]
     assert data.source_datasets == ["nlphuji/flickr30k"]
     assert set(data.task_categories) == {"image-to-text", "text-to-image", "feature-extraction"}
-    assert data.configs == [
-        {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}
-    ]
+    shards = f"data/train-{s.content_fingerprint()}-*.parquet"  # content-named: see the same-name test
+    assert data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": shards}]}]
     assert "MDM" in data.pretty_name
     text = card.text
     assert "| MDM | 5 | 8.10 ± 0.40 |" in text and "26.40 ± 0.30" in text  # two decimals, like every table
@@ -343,12 +345,9 @@ def test_push_to_hub_uploads_the_layout_and_never_leaks_the_token(tmp_path, hub_
     (upload,) = hub_calls["upload_folder"]
     assert upload["repo_type"] == "dataset" and upload["repo_id"] == "me/flickr-mdm-5"
     assert upload["commit_message"] == "hi" and upload["folder_path"] == str(local)
-    assert upload["files"] == [
-        "README.md",
-        "data/train-00000-of-00001.parquet",
-        "mdm_synthetic.json",
-        "preview.png",
-    ]
+    assert [f.split("-")[0] if f.startswith("data/") else f for f in upload["files"]] == [
+        "README.md", "data/train", "mdm_synthetic.json", "preview.png",
+    ]  # fmt: skip
     assert hub_calls["create_branch"] == []
     assert 'load_dataset("me/flickr-mdm-5"' in (local / "README.md").read_text()
 
@@ -455,3 +454,16 @@ def test_validate_reports_inconsistent_fields():
         bare.validate()
     with pytest.raises(ValueError, match="one entry per synthetic pair"):
         s.save_pretrained("/nonexistent/never-written")  # validation runs before anything is written
+
+
+def test_two_sets_in_folders_of_the_same_name_load_as_themselves(tmp_path):
+    """datasets caches a local folder by its name and data_files patterns: the content-fingerprinted shard names
+    keep a/synthetic and b/synthetic apart (issue 13.8)."""
+    first, second = make_set(k=3), make_set(k=4)
+    first.save_pretrained(tmp_path / "a" / "synthetic")
+    second.save_pretrained(tmp_path / "b" / "synthetic")
+    cache = str(tmp_path / "shared-cache")  # one cache, as every user has
+    a = datasets.load_dataset(str(tmp_path / "a" / "synthetic"), cache_dir=cache)["train"]
+    b = datasets.load_dataset(str(tmp_path / "b" / "synthetic"), cache_dir=cache)["train"]
+    assert (len(a), len(b)) == (3, 4)
+    assert torch.equal(torch.tensor(b["text_features"]), second.text_features)
