@@ -169,7 +169,8 @@ class DistillRunArguments(DatasetArguments):
     max_steps: int = _f(3000, "Distillation iterations.")
     eval_steps: int = _f(50, "Run the validation hook every N iterations (0: never).")
     eval_on_start: bool = _f(
-        False, "Also score the initial set (step 0), so the best state kept can be the coreset itself."
+        True,
+        "Also score the initial set (step 0), so the state kept is never worse on validation than the coreset.",
     )
     early_stopping_patience: int | None = _f(None, "Stop after N evaluations without improvement.")
     save_steps: int = _f(100, "Checkpoint every N iterations (0: only at the end).")
@@ -186,6 +187,7 @@ class DistillRunArguments(DatasetArguments):
         "max_steps", "eval_steps", "eval_on_start", "early_stopping_patience", "save_steps", "save_total_limit",
         "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "cache_dir",
         "max_cached_images", "report_to", "num_workers", "push_to_hub", "hub_dataset_id", "hub_private",
+        "validation_split", "student_preset", "student_max_steps", "student_num_seeds", "student_config",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -253,7 +255,23 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     )
 
     # ---- data: the DatasetArguments fields, and
-    validation_split: str | None = _f("validation", "Split used for model selection (never test).")
+    validation_split: str | None = _f(
+        "validation",
+        "Split the validation hook scores (never test); 'none' turns validation off. A dataset without it is "
+        "distilled without validation, with a warning.",
+    )
+    student_preset: str = _f(
+        "small", "Recipe of the validation students (mdm_hf.students.PRESETS): small | paper."
+    )
+    student_max_steps: int | None = _f(None, "Steps of each validation student (None: the preset's).")
+    student_num_seeds: int = _f(
+        1, "Validation students per evaluation, averaged (more: less noise, more time)."
+    )
+    student_config: str | None = _f(
+        None,
+        "YAML of StudentConfig fields for the validation students (e.g. a paper-track student); the teacher, "
+        "dataset, validation split and budget follow this run unless the file sets them.",
+    )
 
     # ---- synthetic set (its size: num_pairs)
     init: str = _f("kmeans", "Initialisation: kmeans (joint space, MDM §1) | random | herding | kcenter.")
@@ -288,6 +306,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.validation_split = optional_split(self.validation_split)
         checks = {
             "real_batch_size": self.real_batch_size > 0,
             "syn_batch_size": self.syn_batch_size > 0,
@@ -308,12 +327,15 @@ class MDMConfig(ModelArguments, DistillRunArguments):
             "sigma": self.sigma > 0,
             "temperature": self.temperature is None or self.temperature > 0,
             "num_workers": self.num_workers >= 0,
+            "student_max_steps": self.student_max_steps is None or self.student_max_steps >= 1,
+            "student_num_seeds": self.student_num_seeds >= 1,
         }
         choices = {
             "teacher_mode": ("fresh", "pooled"),
             "optimizer": ("sgd", "adam"),
             "init": ("kmeans", "random", "herding", "kcenter"),
             "contrastive": ("auto", "clip", "siglip"),
+            "student_preset": ("small", "paper"),
         }
         check_values(self, checks, choices)
         if self.push_to_hub and not self.hub_dataset_id:

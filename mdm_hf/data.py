@@ -55,6 +55,10 @@ class DataError(ValueError):
     """A row of the user's dataset cannot be used (unreadable image, empty or malformed caption); names the row."""
 
 
+class SplitNotFoundError(ValueError):
+    """The dataset has no split of the requested name (and no split column holding it)."""
+
+
 # PIL modes whose pixels are not 8-bit: 16-bit integer greyscale and 32-bit int / float greyscale.
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -240,7 +244,7 @@ def _open_split(name_or_path, split, revision, split_column, data_dir, streaming
     else:
         split_col = None
         if chosen is None:
-            raise ValueError(
+            raise SplitNotFoundError(
                 f"Split '{split}' not found in {name_or_path}: it has splits {hub_splits} and no split column. "
                 "Pass --train_split / --validation_split / --test_split with one of them, or --split_column."
             )

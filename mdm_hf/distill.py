@@ -33,6 +33,7 @@ from .distill_loop import DistillState, SyntheticSetDistiller, ValidationFn
 from .losses import MDMLoss
 from .merge import ExpertBank
 from .models import DualEncoder
+from .students import validation_hook
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class MDMDistiller(SyntheticSetDistiller):
         config: the run's :class:`~mdm_hf.config.MDMConfig`.
         validation_fn: called as ``validation_fn(synthetic_set, step)`` every ``eval_steps``; returns metrics with a
             ``"mean"`` entry (higher is better) used for early stopping and keeping the best state. It must score on
-            a validation split, never test (:func:`mdm_hf.evaluation.student_validation_fn` builds one).
+            a validation split, never test (:func:`mdm_hf.students.student_validation_fn` builds one; when None and ``eval_steps > 0``, the config's
+            student fields build it (:func:`mdm_hf.students.validation_hook`)).
         accelerator: an ``accelerate.Accelerator``; one is built from the config when omitted.
         teacher / expert_bank / train_data / text_features / pixel_cache: pre-loaded pieces (tests, benchmarks);
             whatever is None is loaded from the config in :meth:`setup`.
@@ -116,6 +118,10 @@ class MDMDistiller(SyntheticSetDistiller):
             temperature=cfg.temperature,
             contrastive=contrastive,
         )
+        if (
+            self.validation_fn is None
+        ):  # built now: the students' vision tower is the anchor's, before any merge
+            self.validation_fn = validation_hook(cfg, teacher=self.teacher)
         self.is_set_up = True
 
     # ================================================================== real side

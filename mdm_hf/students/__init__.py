@@ -101,4 +101,5 @@ __all__ = [
     "method_label",
     "save_results",
     "student_validation_fn",
+    "validation_hook",
 ]

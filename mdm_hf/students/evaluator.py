@@ -26,7 +26,8 @@ import transformers
 from transformers import set_seed
 
 from .. import __version__
-from ..data import cached_text_features, embed_pairs, load_split, preprocess_split_images
+from ..config import load_yaml_config
+from ..data import SplitNotFoundError, cached_text_features, embed_pairs, load_split, preprocess_split_images
 from ..models import DualEncoder
 from ..retrieval import retrieval_metrics
 from ..selection import joint_features, select_pairs
@@ -466,3 +467,47 @@ def student_validation_fn(
 
     validate.evaluator = evaluator  # type: ignore[attr-defined]
     return validate
+
+
+# The run's fields a validation student inherits unless the run's student_config YAML sets them.
+_INHERITED_FIELDS = (
+    "model_name_or_path", "model_revision", "text_pooling", "trust_remote_code", "dataset_name", "dataset_revision",
+    "train_split", "image_column", "caption_column", "split_column", "image_root", "max_train_images",
+    "max_cached_images", "cache_dir", "skip_empty_captions", "validation_split", "num_pairs", "seed",
+)  # fmt: skip
+
+
+def validation_hook(run, teacher=None) -> Callable[[Any, int], dict] | None:
+    """The validation hook a distillation run's config asks for (its ``eval_steps``, ``validation_split`` and
+    ``student_*`` fields), or None when it asks for none. A dataset without the validation split is distilled
+    without validation, with a warning saying so -- never a silent no-op.
+
+    Args:
+        run: an :class:`~mdm_hf.config.MDMConfig` (or any config with the same fields).
+        teacher: the run's loaded anchor; the students' vision tower is copied from it now, before distilling.
+    """
+    if not run.eval_steps or run.validation_split is None:
+        return None
+    values = {name: getattr(run, name) for name in _INHERITED_FIELDS}
+    values.update(preset=run.student_preset, output_dir=None, num_seeds=run.student_num_seeds)
+    if run.student_max_steps is not None:
+        values["max_steps"] = run.student_max_steps
+    if run.student_config:
+        values.update(load_yaml_config(run.student_config, StudentConfig))
+    try:
+        hook = student_validation_fn(
+            StudentConfig(**values), teacher=teacher, num_seeds=run.student_num_seeds
+        )
+    except SplitNotFoundError as err:
+        logger.warning(
+            "No validation: %s Distilling without a validation hook, so the last state is kept (pass "
+            "--validation_split none to silence this, or name the split that holds validation data).",
+            err,
+        )
+        return None
+    logger.info(
+        "Validation every %d iterations on split '%s' (%d student seed(s), preset %s)%s.", run.eval_steps,
+        run.validation_split, run.student_num_seeds, run.student_preset,
+        ", the initial coreset included" if run.eval_on_start else "",
+    )  # fmt: skip
+    return hook
