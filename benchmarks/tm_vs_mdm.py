@@ -28,8 +28,10 @@ TM's hyper-parameters are the library's ``preset="lors"``: LoRS' Flickr30k scrip
 teacher per iteration (``--mdm_teacher_mode pooled`` for the faster cached mode).
 
 Results: ``benchmarks/results/tm_vs_mdm.json`` (machine, versions, command, config, every figure) and
-``tm_vs_mdm.md`` (``--results_dir`` for another folder). Student records name each set by its method: ``mdm``
-for MDM's distilled set, ``tm`` for trajectory matching's. Work files (EmojiCaps, anchor, experts, sets) go to ``--work_dir`` and are reused when present.
+``tm_vs_mdm.md`` (``--results_dir`` for another folder). Results name each distilled set by what made it:
+``mdm`` / "MDM" for MDM's, ``tm`` / "TM (LoRS)" for trajectory matching's (to the students both are the method
+``synthetic``: training on a given set). Work files (EmojiCaps, anchor, experts, sets) go to ``--work_dir`` and are
+reused when present.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ def quality_job(spec: dict) -> dict:
     import torch
 
     from mdm_hf.demo import student_config
-    from mdm_hf.evaluation import student_validation_fn
+    from mdm_hf.students import student_validation_fn
 
     _child_init(spec["threads"])
     hook = None
@@ -313,44 +315,38 @@ def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
     return {"mdm": mdm, "tm": tm, "lors_preset_budget": lors_budget(k)}
 
 
-def _score_set(sc, synthetic, method: str, label: str, output_dir: Path) -> dict:
-    """Students on one distilled set, the record naming the set by its own method (``"tm"``) and ``label``.
-
-    ``mdm_hf.evaluation`` calls "train on the given synthetic set" method ``"mdm"`` whatever made the set, so the
-    records are relabelled here (the config keeps what evaluation was asked) and written as
-    ``student_<method>.json``.
-    """
-    from mdm_hf.evaluation import evaluate_student
-
-    result = evaluate_student(dataclasses.replace(sc, method="mdm", output_dir=None), synthetic)
-    result["method"], result["row"] = method, dict(result["row"], method=label)
-    for run in result["runs"]:
-        run["method"] = method
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"student_{method}.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
+# what the benchmark's tables call each distilled set (students.method_label would name TM's by its provenance)
+SET_LABELS = {"mdm": "MDM", "tm": "TM (LoRS)"}
 
 
 def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_full: bool) -> dict:
-    """Students on the distilled sets (MDM, TM) and the coresets: one protocol, the same seeds."""
+    """Students on the distilled sets (MDM, TM) and the coresets: one protocol, the same seeds.
+
+    Each distilled set is the students' method ``"synthetic"`` (trained on that set); its row is labelled by what
+    made it (:data:`SET_LABELS`). TM's students are written to ``students-<k>-tm/student_synthetic.json``.
+    """
     from mdm_hf.demo import student_config
-    from mdm_hf.evaluation import compare_methods
+    from mdm_hf.students import compare_methods, evaluate_student
     from mdm_hf.synthetic import SyntheticSet
 
     sc = student_config(demo, Path(paths["data_dir"]), Path(paths["anchor"]), work / f"students-{k}{args.tag}",
                         num_pairs=k, num_seeds=args.student_seeds)  # fmt: skip
-    methods = (["mdm"] if "mdm" in sets else []) + list(args.coresets) + (["full"] if with_full else [])
+    methods = (["synthetic"] if "mdm" in sets else []) + list(args.coresets) + (["full"] if with_full else [])
     rows, protocol, notes = [], None, None
     if methods:
         mdm_set = SyntheticSet.from_pretrained(sets["mdm"]) if "mdm" in sets else None
-        results = compare_methods(sc, methods=methods, synthetic=mdm_set)
-        rows, protocol, notes = results["rows"], results["protocol"], results["notes"]
+        comparison = compare_methods(sc, methods=methods, synthetic=mdm_set)
+        rows = [dataclasses.replace(r, label=SET_LABELS["mdm"]) if r.method == "synthetic" else r
+                for r in comparison.rows]  # fmt: skip
+        protocol, notes = comparison.protocol, comparison.notes
     if "tm" in sets:
-        tm = _score_set(sc, SyntheticSet.from_pretrained(sets["tm"]), "tm", "TM (LoRS)",
-                        work / f"students-{k}-tm{args.tag}")  # fmt: skip
-        rows.insert(1 if "mdm" in sets else 0, tm["row"])
-        protocol = protocol or tm.get("protocol")
-    return {"protocol": protocol, "rows": rows, "notes": notes}
+        tm_sc = dataclasses.replace(
+            sc, method="synthetic", output_dir=str(work / f"students-{k}-tm{args.tag}")
+        )
+        tm = evaluate_student(tm_sc, SyntheticSet.from_pretrained(sets["tm"]))
+        rows.insert(1 if "mdm" in sets else 0, dataclasses.replace(tm.row, label=SET_LABELS["tm"]))
+        protocol = protocol or tm.protocol
+    return {"protocol": protocol, "rows": [r.to_dict() for r in rows], "notes": notes}
 
 
 def students_job(spec: dict) -> dict:
