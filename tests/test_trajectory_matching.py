@@ -16,6 +16,7 @@ from mdm_hf.baselines.tm.buffer import TrajectoryBuffer, record_trajectory_buffe
 from mdm_hf.baselines.tm.config import (
     LORS_PRESETS,
     MTT_VL_DEFAULTS,
+    TrajectoryBufferConfig,
     TrajectoryMatchingConfig,
     lors_budget,
     lors_preset,
@@ -244,6 +245,15 @@ def test_config_rejects_bad_values():
         TrajectoryMatchingConfig(preset="mtt")
     with pytest.raises(ValueError, match="syn_steps"):  # a preset's value is checked like an explicit one
         TrajectoryMatchingConfig(preset="lors", syn_steps=0)
+    with pytest.raises(ValueError, match=r"lr_pixels=0\.0, momentum=1\.0, min_syn_lr=-1\.0"):
+        TrajectoryMatchingConfig(lr_pixels=0.0, momentum=1.0, min_syn_lr=-1.0)
+    with pytest.raises(ValueError, match="wrong type for syn_steps"):
+        TrajectoryMatchingConfig(syn_steps=2.5)
+    with pytest.raises(ValueError, match=r"momentum=1\.5, weight_decay=-1\.0"):
+        TrajectoryBufferConfig(momentum=1.5, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="wrong type for num_epochs"):
+        TrajectoryBufferConfig(num_epochs="3")
+    assert TrajectoryMatchingConfig(lr_text=0.0, lr_lr=0.0).lr_text == 0.0  # freezing is allowed
 
 
 # ============================================================================================ configuration and presets
@@ -487,9 +497,15 @@ def test_resume_continues_bit_for_bit(tiny, tmp_path):
     straight = _distiller(tiny, tmp_path / "straight", max_steps=4, similarity="lowrank").distill()
     first = _distiller(tiny, tmp_path / "resumed", max_steps=2, similarity="lowrank")
     first.distill()
+    with pytest.raises(ValueError, match="other settings"):  # a result-changing field differs: refused
+        _distiller(tiny, tmp_path / "resumed", max_steps=4, similarity="lowrank", lr_pixels=2.0,
+                   resume_from_checkpoint="latest").distill()  # fmt: skip
+    # the same values, now written as a preset plus explicit fields, and no trajectory cache: resumes
+    same = {k: getattr(first.config, k) for k in MTT_VL_DEFAULTS}
     second = _distiller(
-        tiny, tmp_path / "resumed", max_steps=4, similarity="lowrank", resume_from_checkpoint="latest"
-    )
+        tiny, tmp_path / "resumed", **{**same, "max_steps": 4, "preset": "lors_faithful"},
+        cache_trajectories=False, resume_from_checkpoint="latest",
+    )  # fmt: skip
     resumed = second.distill()
     assert second.state.step == 4
     assert torch.equal(straight.pixel_values, resumed.pixel_values)

@@ -15,9 +15,16 @@ config holds them, and ``dataclasses.replace(config, num_pairs=...)`` keeps them
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ...config import DatasetArguments, DistillRunArguments, ModelArguments, check_values, optional_split
+from ...config import (
+    DatasetArguments,
+    DistillRunArguments,
+    ModelArguments,
+    check_field_types,
+    check_values,
+    optional_split,
+)
 from ...config import config_field as _f
 
 __all__ = [
@@ -194,6 +201,11 @@ class TrajectoryMatchingConfig(ModelArguments, DistillRunArguments):
     output_dir: str = _f("out-tm", "Where checkpoints, extras and the synthetic set are written.")
     device: str | None = _f(None, "cpu | cuda | cuda:1 ... (None: cuda when available).")
 
+    # A preset only fills the other fields, which a resume compares; caching trajectories only costs memory.
+    resume_free_fields: ClassVar[tuple[str, ...]] = (
+        *DistillRunArguments.resume_free_fields, "preset", "cache_trajectories",
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.preset = optional_split(self.preset)  # "none" / "null" on a command line: no preset
@@ -208,6 +220,15 @@ class TrajectoryMatchingConfig(ModelArguments, DistillRunArguments):
             "sim_rank": self.sim_rank >= 1,
             "syn_lr_init": self.syn_lr_init is None or self.syn_lr_init > 0,
             "temperature": self.temperature is None or self.temperature > 0,
+            "lr_pixels": self.lr_pixels > 0,
+            "lr_text": self.lr_text >= 0,  # 0 freezes the text features on purpose
+            "lr_lr": self.lr_lr >= 0,  # 0 keeps the step sizes fixed
+            "lr_sim": self.lr_sim >= 0,
+            "momentum": 0 <= self.momentum < 1,
+            "momentum_lr": 0 <= self.momentum_lr < 1,
+            "momentum_sim": 0 <= self.momentum_sim < 1,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "min_syn_lr": self.min_syn_lr is None or self.min_syn_lr > 0,
         }
         choices = {
             "unroll": ("full", "tesla"),
@@ -238,6 +259,11 @@ class TrajectoryBufferConfig(ModelArguments, DatasetArguments):
     overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.validation_split = optional_split(self.validation_split)
-        check_values(self, {"num_experts": self.num_experts >= 1, "num_epochs": self.num_epochs >= 1,
-                            "learning_rate": self.learning_rate > 0, "batch_size": self.batch_size >= 1})  # fmt: skip
+        check_values(self, {
+            "num_experts": self.num_experts >= 1, "num_epochs": self.num_epochs >= 1,
+            "learning_rate": self.learning_rate > 0, "batch_size": self.batch_size >= 1,
+            "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+            "max_validation_images": self.max_validation_images is None or self.max_validation_images >= 1,
+        })  # fmt: skip
