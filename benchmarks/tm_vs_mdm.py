@@ -6,9 +6,9 @@
 
 Per budget K, in ONE run on the same machine, from the same anchor, data and student protocol:
 
-* quality -- students with fresh projections and temperature (BENCHMARKS.md), selected on T validation and scored
-  once on T test, trained on the MDM set, the TM set and random / k-center coresets of K real pairs, same seeds
-  (plus the full T train set once, the ceiling);
+* quality -- students with fresh projections and temperature (docs/method.md §5, docs/benchmarks.md), selected on
+  T validation and scored once on T test, trained on the MDM set, the TM set and random / k-center coresets of K
+  real pairs, same seeds (plus the full T train set once, the ceiling);
 * cost of one distillation iteration -- each method in a fresh process, median seconds over ``--cost_steps`` after
   warm-up, split into parts; peak RSS of the iteration loop above the set-up (Linux VmHWM, reset after set-up);
   peak bytes autograd keeps for backward (saved tensors: the activation memory, independent of the machine's load);
@@ -21,12 +21,17 @@ Per budget K, in ONE run on the same machine, from the same anchor, data and stu
 
 Both get ``--num_experts`` experts x ``--expert_epochs`` epochs from the same anchor on T train. MDM: LoRA adapters
 (AdamW, the project's expert recipe). TM: full SGD trajectories (LoRS' ``buffer.py``: constant lr 0.1, no momentum).
-TM's hyper-parameters are LoRS' Flickr30k scripts for the nearest budget (:data:`LORS_PRESETS`), with LoRS'
-constant-memory TESLA unrolling (``--tm_unroll full`` for MTT's exact unrolling). MDM runs the paper's fresh mixed
+TM's hyper-parameters are the library's ``preset="lors"``: LoRS' Flickr30k scripts for the nearest budget
+(:data:`mdm_hf.baselines.tm.LORS_PRESETS`) with the stability changes of :data:`mdm_hf.baselines.tm.TM_STABILITY`
+(``--tm_faithful``: ``preset="lors_faithful"``, without them), and LoRS' constant-memory TESLA unrolling
+(``--tm_unroll full`` for MTT's exact unrolling). MDM runs the paper's fresh mixed
 teacher per iteration (``--mdm_teacher_mode pooled`` for the faster cached mode).
 
 Results: ``benchmarks/results/tm_vs_mdm.json`` (machine, versions, command, config, every figure) and
-``tm_vs_mdm.md``. Work files (EmojiCaps, anchor, experts, sets) go to ``--work_dir`` and are reused when present.
+``tm_vs_mdm.md`` (``--results_dir`` for another folder). Results name each distilled set by what made it:
+``mdm`` / "MDM" for MDM's, ``tm`` / "TM (LoRS)" for trajectory matching's (to the students both are the method
+``synthetic``: training on a given set). Work files (EmojiCaps, anchor, experts, sets) go to ``--work_dir`` and are
+reused when present.
 """
 
 from __future__ import annotations
@@ -49,37 +54,6 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 # per-iteration cost is measured for TM and for MDM in both teacher modes: fresh (the paper's) and pooled (ours)
 COST_VARIANTS = ("mdm_fresh", "mdm_pooled", "tm")
-
-# LoRS' released Flickr30k scripts (sh/distill_flickr_lors_{100,200,500}.sh); all use syn_steps 8, expert_epochs 1,
-# lr_lr 1e-2, lr_teacher 0.1, WBCE, a low-rank similarity matrix and momentum 0.5.
-LORS_PRESETS = {
-    100: dict(lr_pixels=100.0, lr_text=100.0, lr_sim=10.0, sim_rank=10, sim_alpha=3.0, mini_batch_size=20,
-              max_start_epoch=2),
-    200: dict(lr_pixels=1000.0, lr_text=1000.0, lr_sim=10.0, sim_rank=5, sim_alpha=1.0, mini_batch_size=20,
-              max_start_epoch=2),
-    500: dict(lr_pixels=1000.0, lr_text=1000.0, lr_sim=100.0, sim_rank=20, sim_alpha=0.01, mini_batch_size=40,
-              max_start_epoch=3),
-}  # fmt: skip
-LORS_COMMON = dict(syn_steps=8, expert_epochs=1, lr_lr=1e-2, similarity="lowrank", inner_loss="wbce",
-                   momentum=0.5, momentum_lr=0.5, momentum_sim=0.5, init="random")  # fmt: skip
-
-
-# LoRS' preset diverges at EmojiCaps scale (measured, K = 20, 32 px anchor, 2 x 2-epoch SGD buffer at lr 0.1): the
-# step size went 0.1 -> 0.02 -> -0.30 -> 4.2 and max |S| 7 -> 1742 in three iterations, then NaN. Its step-size
-# gradient scales like 1 / (lr_teacher x SGD steps per expert epoch), and an EmojiCaps epoch has ~10x fewer steps than
-# a Flickr30k one. These changes keep it stable (--tm_faithful runs the unmodified preset):
-TM_STABILITY = dict(lr_lr_factor=1e-2, lr_sim_factor=1e-2, min_syn_lr=1e-3)
-
-
-def lors_preset(k: int, faithful: bool = False) -> dict:
-    """LoRS' settings for the budget nearest to ``k`` (ties go to the smaller budget), with :data:`TM_STABILITY`."""
-    nearest = min(LORS_PRESETS, key=lambda b: (abs(b - k), b))
-    preset = {**LORS_COMMON, **LORS_PRESETS[nearest], "preset_budget": nearest}
-    if not faithful:
-        preset["lr_lr"] *= TM_STABILITY["lr_lr_factor"]
-        preset["lr_sim"] *= TM_STABILITY["lr_sim_factor"]
-        preset["min_syn_lr"] = TM_STABILITY["min_syn_lr"]
-    return preset
 
 
 # ============================================================================================== measuring helpers
@@ -146,7 +120,7 @@ def _mdm_distiller(spec: dict, validation_fn=None):
 
 
 def _tm_distiller(spec: dict, validation_fn=None):
-    from mdm_hf.baselines.trajectory_matching import TrajectoryMatchingConfig, TrajectoryMatchingDistiller
+    from mdm_hf.baselines.tm import TrajectoryMatchingConfig, TrajectoryMatchingDistiller
 
     cfg = TrajectoryMatchingConfig(**spec["config"])
     return TrajectoryMatchingDistiller(cfg, validation_fn=validation_fn)
@@ -203,7 +177,7 @@ def quality_job(spec: dict) -> dict:
     import torch
 
     from mdm_hf.demo import student_config
-    from mdm_hf.evaluation import student_validation_fn
+    from mdm_hf.students import student_validation_fn
 
     _child_init(spec["threads"])
     hook = None
@@ -236,29 +210,49 @@ def _in_child(fn, spec: dict) -> dict:
 
 
 # ============================================================================================== the run
+def _stale(directory: Path, **expected) -> bool:
+    """A bank / buffer to (re)train: missing, or made with other experts, epochs or learning rate."""
+    from mdm_hf.bank import read_manifest
+
+    if not (directory / "manifest.json").exists():
+        return True
+    m = read_manifest(directory)
+    found = {"experts": len(m["experts"]), "epochs": m["num_epochs"],
+             "lr": m.get("training", {}).get("learning_rate")}  # fmt: skip
+    return any(found[k] != v for k, v in expected.items())
+
+
+def _record_buffer(args, demo, data_dir: Path, anchor_dir: Path, buffer: Path) -> Path:
+    """TM's SGD trajectory buffer from the anchor on T train, with per-epoch validation recall."""
+    from mdm_hf.baselines.tm import record_trajectory_buffer
+    from mdm_hf.data import cached_text_features, load_image_caption_dataset, preprocess_split_images
+    from mdm_hf.models import DualEncoder
+
+    anchor = DualEncoder.from_pretrained(str(anchor_dir))
+    train = load_image_caption_dataset(str(data_dir), "train")
+    val = load_image_caption_dataset(str(data_dir), "validation")
+    validation = (
+        preprocess_split_images(anchor, val),
+        cached_text_features(anchor, val),
+        val.caption_to_image,
+    )
+    return record_trajectory_buffer(
+        anchor, train, buffer, num_experts=demo.num_experts, num_epochs=demo.expert_epochs,
+        learning_rate=args.buffer_lr, batch_size=64, seed=demo.seed, validation=validation, overwrite=True,
+    )  # fmt: skip
+
+
 def prepare(args, demo, work: Path) -> dict:
     """EmojiCaps, the anchor, MDM's LoRA bank and TM's SGD trajectory buffer (each reused when present)."""
     import torch
 
-    from mdm_hf.baselines.trajectory_matching import record_trajectory_buffer
-    from mdm_hf.data import cached_text_features, load_image_caption_dataset, preprocess_split_images
+    from mdm_hf.bank import bank_size_bytes, read_manifest
     from mdm_hf.demo import build_data, train_anchor, train_experts
-    from mdm_hf.experts import bank_size_bytes
-    from mdm_hf.models import DualEncoder
 
     torch.set_num_threads(args.threads)
     # seconds of the stages trained in an earlier run, reported again when they are reused
     stage_file = work / "prepare_seconds.json"
     seconds = json.loads(stage_file.read_text()) if stage_file.exists() else {}
-
-    def stale(directory: Path, **expected) -> bool:
-        """A bank / buffer to (re)train: missing, or made with other experts, epochs or learning rate."""
-        if not (directory / "manifest.json").exists():
-            return True
-        m = json.loads((directory / "manifest.json").read_text())
-        found = {"experts": len(m["experts"]), "epochs": m["num_epochs"],
-                 "lr": m.get("training", {}).get("learning_rate")}  # fmt: skip
-        return any(found[k] != v for k, v in expected.items())
 
     def timed(name: str, fn, *a):
         t = time.perf_counter()
@@ -272,23 +266,12 @@ def prepare(args, demo, work: Path) -> dict:
     if not (anchor_dir / "config.json").exists():
         timed("anchor", train_anchor, demo, data_dir, anchor_dir)
     bank = work / "lora_bank"
-    if stale(bank, experts=demo.num_experts, epochs=demo.expert_epochs, lr=demo.expert_lr):
+    if _stale(bank, experts=demo.num_experts, epochs=demo.expert_epochs, lr=demo.expert_lr):
         shutil.rmtree(bank, ignore_errors=True)
         timed("lora_bank", train_experts, demo, data_dir, anchor_dir, bank)
     buffer = work / "trajectory_buffer"
-    if stale(buffer, experts=demo.num_experts, epochs=demo.expert_epochs, lr=args.buffer_lr):
-        anchor = DualEncoder.from_pretrained(str(anchor_dir))
-        train = load_image_caption_dataset(str(data_dir), "train")
-        val = load_image_caption_dataset(str(data_dir), "validation")
-        validation = (
-            preprocess_split_images(anchor, val),
-            cached_text_features(anchor, val),
-            val.caption_to_image,
-        )
-        timed("trajectory_buffer", lambda: record_trajectory_buffer(
-            anchor, train, buffer, num_experts=demo.num_experts, num_epochs=demo.expert_epochs,
-            learning_rate=args.buffer_lr, batch_size=64, seed=demo.seed, validation=validation, overwrite=True))  # fmt: skip
-    manifest = lambda p: json.loads((p / "manifest.json").read_text())  # noqa: E731
+    if _stale(buffer, experts=demo.num_experts, epochs=demo.expert_epochs, lr=args.buffer_lr):
+        timed("trajectory_buffer", _record_buffer, args, demo, data_dir, anchor_dir, buffer)
     first_lora = next((bank / "expert-0" / "epoch-1").glob("*.safetensors"))
     storage = {
         "lora_bank_bytes": bank_size_bytes(bank), "trajectory_buffer_bytes": bank_size_bytes(buffer),
@@ -298,53 +281,72 @@ def prepare(args, demo, work: Path) -> dict:
     }  # fmt: skip
     storage["buffer_over_bank"] = storage["trajectory_buffer_bytes"] / storage["lora_bank_bytes"]
     experts = {
-        "lora": [[e.get("validation", {}).get("mean") for e in x["epochs"]] for x in manifest(bank)["experts"]],
-        "sgd_trajectory": [[e.get("validation", {}).get("mean") for e in x["epochs"]] for x in manifest(buffer)["experts"]],
+        "lora": [[e.get("validation", {}).get("mean") for e in x["epochs"]] for x in read_manifest(bank)["experts"]],
+        "sgd_trajectory": [[e.get("validation", {}).get("mean") for e in x["epochs"]] for x in read_manifest(buffer)["experts"]],
     }  # fmt: skip
     return {"data_dir": str(data_dir), "anchor": str(anchor_dir), "lora_bank": str(bank), "buffer": str(buffer),
             "seconds": seconds, "storage": storage, "expert_validation_mean_recall_at_1": experts}  # fmt: skip
 
 
 def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
-    """MDMConfig / TrajectoryMatchingConfig values for budget ``k`` (plain dicts: they cross process boundaries)."""
+    """MDMConfig / TrajectoryMatchingConfig values for budget ``k`` (plain dicts: they cross process boundaries).
+
+    TM runs the library's preset ("lors", or "lors_faithful" with ``--tm_faithful``); its values are written out
+    explicitly so the results record every setting, and two are fitted to EmojiCaps: the start epoch to the
+    buffer's length, the mini-batch to ``k``.
+    """
+    from mdm_hf.baselines.tm import lors_budget, lors_preset
+
     common = dict(model_name_or_path=paths["anchor"], dataset_name=paths["data_dir"], train_split="train",
                   num_pairs=k, save_steps=0, overwrite_output_dir=True, seed=demo.seed, logging_steps=0)  # fmt: skip
     mdm = dict(common, expert_bank=paths["lora_bank"], teacher_mode=args.mdm_teacher_mode, real_batch_size=256,
                syn_batch_size=min(64, k), lr_pixels=demo.lr_pixels, lr_text=demo.lr_text, init="kmeans",
                max_steps=args.mdm_steps, eval_steps=args.eval_steps, output_dir=str(work / f"mdm-{k}{args.tag}"))  # fmt: skip
     preset = lors_preset(k, faithful=args.tm_faithful)
-    budget = preset.pop("preset_budget")
     preset["max_start_epoch"] = min(
         preset["max_start_epoch"], demo.expert_epochs - preset["expert_epochs"] + 1
     )
     preset["mini_batch_size"] = min(preset["mini_batch_size"], k)
-    tm = dict(common, trajectory_buffer=paths["buffer"], unroll=args.tm_unroll, max_steps=args.tm_steps,
-              eval_steps=args.eval_steps, output_dir=str(work / f"tm-{k}{args.tag}"), **preset)  # fmt: skip
+    tm = {**common, "preset": "lors_faithful" if args.tm_faithful else "lors", **preset,
+          "trajectory_buffer": paths["buffer"], "unroll": args.tm_unroll, "max_steps": args.tm_steps,
+          "eval_steps": args.eval_steps, "output_dir": str(work / f"tm-{k}{args.tag}")}  # fmt: skip
     tm.update(args.tm_override or {})
     mdm.update(args.mdm_override or {})
-    return {"mdm": mdm, "tm": tm, "lors_preset_budget": budget}
+    return {"mdm": mdm, "tm": tm, "lors_preset_budget": lors_budget(k)}
+
+
+# what the benchmark's tables call each distilled set (students.method_label would name TM's by its provenance)
+SET_LABELS = {"mdm": "MDM", "tm": "TM (LoRS)"}
 
 
 def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_full: bool) -> dict:
-    """Students on the distilled sets (MDM, TM) and the coresets: one protocol, the same seeds."""
+    """Students on the distilled sets (MDM, TM) and the coresets: one protocol, the same seeds.
+
+    Each distilled set is the students' method ``"synthetic"`` (trained on that set); its row is labelled by what
+    made it (:data:`SET_LABELS`). TM's students are written to ``students-<k>-tm/student_synthetic.json``.
+    """
     from mdm_hf.demo import student_config
-    from mdm_hf.evaluation import compare_methods, evaluate_student
+    from mdm_hf.students import compare_methods, evaluate_student
     from mdm_hf.synthetic import SyntheticSet
 
     sc = student_config(demo, Path(paths["data_dir"]), Path(paths["anchor"]), work / f"students-{k}{args.tag}",
                         num_pairs=k, num_seeds=args.student_seeds)  # fmt: skip
-    methods = (["mdm"] if "mdm" in sets else []) + list(args.coresets) + (["full"] if with_full else [])
+    methods = (["synthetic"] if "mdm" in sets else []) + list(args.coresets) + (["full"] if with_full else [])
     rows, protocol, notes = [], None, None
     if methods:
         mdm_set = SyntheticSet.from_pretrained(sets["mdm"]) if "mdm" in sets else None
-        results = compare_methods(sc, methods=methods, synthetic=mdm_set)
-        rows, protocol, notes = results["rows"], results["protocol"], results["notes"]
+        comparison = compare_methods(sc, methods=methods, synthetic=mdm_set)
+        rows = [dataclasses.replace(r, label=SET_LABELS["mdm"]) if r.method == "synthetic" else r
+                for r in comparison.rows]  # fmt: skip
+        protocol, notes = comparison.protocol, comparison.notes
     if "tm" in sets:
-        tm_sc = dataclasses.replace(sc, method="mdm", output_dir=str(work / f"students-{k}-tm{args.tag}"))
+        tm_sc = dataclasses.replace(
+            sc, method="synthetic", output_dir=str(work / f"students-{k}-tm{args.tag}")
+        )
         tm = evaluate_student(tm_sc, SyntheticSet.from_pretrained(sets["tm"]))
-        rows.insert(1 if "mdm" in sets else 0, dict(tm["row"], method="TM (LoRS)"))
-        protocol = protocol or tm.get("protocol")
-    return {"protocol": protocol, "rows": rows, "notes": notes}
+        rows.insert(1 if "mdm" in sets else 0, dataclasses.replace(tm.row, label=SET_LABELS["tm"]))
+        protocol = protocol or tm.protocol
+    return {"protocol": protocol, "rows": [r.to_dict() for r in rows], "notes": notes}
 
 
 def students_job(spec: dict) -> dict:
@@ -387,7 +389,7 @@ def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -396,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="K values (default 100 200 500)")
     parser.add_argument("--work_dir", default=None, help="default $MDM_HF_HOME/bench-tm-vs-mdm[-quick]")
+    parser.add_argument("--results_dir", default=str(RESULTS),
+                        help="where the JSON, table and plot are written (default benchmarks/results)")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads per process (1: on a shared machine, spinning OpenMP threads slowed steps 30x)",
@@ -416,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='JSON of TrajectoryMatchingConfig values that replace the LoRS preset, e.g. \'{"lr_sim": 1}\'')  # fmt: skip
     parser.add_argument("--mdm_override", type=json.loads, default=None,
                         help='JSON of MDMConfig values for a variant, e.g. \'{"lr_pixels": 10}\'')  # fmt: skip
-    parser.add_argument("--tm_faithful", action="store_true", help="LoRS' preset without TM_STABILITY")
+    parser.add_argument("--tm_faithful", action="store_true",
+                        help="preset lors_faithful: LoRS' settings without TM_STABILITY")  # fmt: skip
     parser.add_argument(
         "--no_full", action="store_true", help="skip the full-train-set student (the ceiling)"
     )
@@ -435,49 +440,22 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=1,
         help="distillations / student runs at a time (cost is always measured one process at a time)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
-    args.tag = f"-{args.tag}" if args.tag else ""
-    if args.replot:
-        recorded = Path(args.replot)
-        results = json.loads(recorded.read_text())
-        recorded.with_suffix(".md").write_text(render_markdown(results))
-        plot_time_to_quality(results, recorded.with_suffix(".png"))
-        return 0
+    return parser
 
-    from mdm_hf.demo import DemoConfig
 
-    quick = args.quick
+def _fill_defaults(args) -> None:
+    """The run's sizes: ``--quick``'s smoke values or the full run's, where not given."""
     defaults = dict(budgets=[20], num_experts=2, expert_epochs=2, mdm_steps=20, tm_steps=20, eval_steps=10,
-                    student_val_steps=30, student_seeds=1, cost_steps=3) if quick else dict(
+                    student_val_steps=30, student_seeds=1, cost_steps=3) if args.quick else dict(
                     budgets=[100, 200, 500], num_experts=2, expert_epochs=3, mdm_steps=300, tm_steps=600,
                     eval_steps=25, student_val_steps=100, student_seeds=3, cost_steps=10)  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    demo_values = dict(
-        num_experts=args.num_experts, expert_epochs=args.expert_epochs, student_seeds=args.student_seeds
-    )
-    demo = DemoConfig.quick(**demo_values) if quick else DemoConfig(**demo_values)
-    home = Path(os.environ.get("MDM_HF_HOME") or Path.home() / ".cache" / "mdm_hf")
-    work = Path(args.work_dir or home / ("bench-tm-vs-mdm-quick" if quick else "bench-tm-vs-mdm"))
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
 
-    paths = prepare(args, demo, work)
-    print(
-        "prepared:",
-        json.dumps({k: v for k, v in paths.items() if k != "expert_validation_mean_recall_at_1"}),
-        flush=True,
-    )
-    results = {"budgets": {}, "prepare": paths}
-    configs = {k: method_configs(args, demo, paths, k, work) for k in args.budgets}
-    for k in args.budgets:
-        results["budgets"][str(k)] = {
-            "lors_preset_budget": configs[k]["lors_preset_budget"],
-            "configs": {m: configs[k][m] for m in ("mdm", "tm")}, "cost": {},
-        }  # fmt: skip
 
-    # 1. cost: one process at a time, nothing else running, so the seconds are comparable
+def measure_cost(args, configs: dict, results: dict, write) -> None:
+    """Stage 1: per-iteration cost, one process at a time and nothing else running, so the seconds compare."""
     for k in [] if args.skip_cost else args.budgets:
         entry = results["budgets"][str(k)]
         for name in COST_VARIANTS:
@@ -494,40 +472,85 @@ def main(argv: list[str] | None = None) -> int:
             entry["cost"][name] = _in_child(cost_job, spec)
             print(f"K={k} cost {name}:", json.dumps(entry["cost"][name]), flush=True)
         _ratios(entry)
-        _write(args, results, quick, argv, started)  # after every stage: a crash leaves what was measured
+        write()  # after every stage: a crash leaves what was measured
 
+
+def measure_quality(args, demo, paths: dict, configs: dict, work: Path, results: dict, write) -> None:
+    """Stages 2 and 3: distillations with the validation hook, then students on every set."""
+    # 2. full distillations with the validation hook; --jobs of them at a time, longest (TM, large K) first
+    specs = []
+    for k in args.budgets:
+        for method in args.methods:
+            specs.append({
+                "method": method, "num_pairs": k, "config": configs[k][method], "threads": args.threads,
+                "eval_steps": args.eval_steps, "student_val_steps": args.student_val_steps, "demo": demo,
+                "data_dir": paths["data_dir"], "anchor": paths["anchor"], "work": str(work / f"{method}-{k}-hook{args.tag}"),
+                "synthetic_dir": str(work / f"sets/{method}-{k}{args.tag}"),
+            })  # fmt: skip
+    specs.sort(key=lambda sp: (sp["method"] != "tm", -sp["num_pairs"]))
+    for spec, out in _run_pool(quality_job, specs, args.jobs):
+        entry = results["budgets"][str(spec["num_pairs"])]
+        entry[f"quality_{spec['method']}"] = out
+        _ratios(entry)
+        print(f"K={spec['num_pairs']} distill {spec['method']}:",
+              json.dumps({x: y for x, y in out.items() if x != "validation"}), flush=True)  # fmt: skip
+        write()
+    # 3. students on both sets and the coresets, one protocol and the same seeds; budgets in parallel
+    specs = [{"args": args, "demo": demo, "paths": paths, "k": k, "work": str(work), "threads": args.threads,
+              "sets": {m: str(work / f"sets/{m}-{k}{args.tag}") for m in args.methods},
+              "with_full": i == 0 and not args.no_full} for i, k in enumerate(args.budgets)]  # fmt: skip
+    for spec, out in _run_pool(students_job, specs, args.jobs):
+        results["budgets"][str(spec["k"])]["students"] = out
+        print(f"K={spec['k']} students:", json.dumps(out["rows"]), flush=True)
+        write()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.tag = f"-{args.tag}" if args.tag else ""
+    if args.replot:
+        recorded = Path(args.replot)
+        results = json.loads(recorded.read_text())
+        recorded.with_suffix(".md").write_text(render_markdown(results))
+        plot_time_to_quality(results, recorded.with_suffix(".png"))
+        return 0
+
+    from mdm_hf.demo import DemoConfig
+
+    _fill_defaults(args)
+    demo_values = dict(
+        num_experts=args.num_experts, expert_epochs=args.expert_epochs, student_seeds=args.student_seeds
+    )
+    demo = DemoConfig.quick(**demo_values) if args.quick else DemoConfig(**demo_values)
+    home = Path(os.environ.get("MDM_HF_HOME") or Path.home() / ".cache" / "mdm_hf")
+    work = Path(args.work_dir or home / ("bench-tm-vs-mdm-quick" if args.quick else "bench-tm-vs-mdm"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def write() -> None:
+        _write(args, results, args.quick, argv, started)
+
+    paths = prepare(args, demo, work)
+    print(
+        "prepared:",
+        json.dumps({k: v for k, v in paths.items() if k != "expert_validation_mean_recall_at_1"}),
+        flush=True,
+    )
+    results = {"budgets": {}, "prepare": paths}
+    configs = {k: method_configs(args, demo, paths, k, work) for k in args.budgets}
+    for k in args.budgets:
+        results["budgets"][str(k)] = {
+            "lors_preset_budget": configs[k]["lors_preset_budget"],
+            "configs": {m: configs[k][m] for m in ("mdm", "tm")}, "cost": {},
+        }  # fmt: skip
+    measure_cost(args, configs, results, write)
     if not args.skip_quality:
-        # 2. full distillations with the validation hook; --jobs of them at a time, longest (TM, large K) first
-        specs = []
-        for k in args.budgets:
-            for method in args.methods:
-                specs.append({
-                    "method": method, "num_pairs": k, "config": configs[k][method], "threads": args.threads,
-                    "eval_steps": args.eval_steps, "student_val_steps": args.student_val_steps, "demo": demo,
-                    "data_dir": paths["data_dir"], "anchor": paths["anchor"], "work": str(work / f"{method}-{k}-hook{args.tag}"),
-                    "synthetic_dir": str(work / f"sets/{method}-{k}{args.tag}"),
-                })  # fmt: skip
-        specs.sort(key=lambda sp: (sp["method"] != "tm", -sp["num_pairs"]))
-        for spec, out in _run_pool(quality_job, specs, args.jobs):
-            entry = results["budgets"][str(spec["num_pairs"])]
-            entry[f"quality_{spec['method']}"] = out
-            _ratios(entry)
-            print(f"K={spec['num_pairs']} distill {spec['method']}:",
-                  json.dumps({x: y for x, y in out.items() if x != "validation"}), flush=True)  # fmt: skip
-            _write(args, results, quick, argv, started)
-        # 3. students on both sets and the coresets, one protocol and the same seeds; budgets in parallel
-        specs = [{"args": args, "demo": demo, "paths": paths, "k": k, "work": str(work), "threads": args.threads,
-                  "sets": {m: str(work / f"sets/{m}-{k}{args.tag}") for m in args.methods},
-                  "with_full": i == 0 and not args.no_full} for i, k in enumerate(args.budgets)]  # fmt: skip
-        for spec, out in _run_pool(students_job, specs, args.jobs):
-            results["budgets"][str(spec["k"])]["students"] = out
-            print(f"K={spec['k']} students:", json.dumps(out["rows"]), flush=True)
-            _write(args, results, quick, argv, started)
+        measure_quality(args, demo, paths, configs, work, results, write)
     results["concurrency"] = (
         f"cost: one process at a time; distillations and students: {args.jobs} process(es) at a time, "
         f"{args.threads} torch thread(s) each"
     )
-    _write(args, results, quick, argv, started)
+    write()
     print(render_markdown(results))
     return 0
 
@@ -550,11 +573,12 @@ def _write(args, results: dict, quick: bool, argv, started: float) -> None:
     results["arguments"] = vars(args)
     results["machine"] = {**_environment(), "threads": args.threads}
     results["total_seconds"] = time.perf_counter() - started
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
     name = ("tm_vs_mdm_quick" if quick else "tm_vs_mdm") + args.tag
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
-    (RESULTS / f"{name}.md").write_text(render_markdown(results))
-    plot_time_to_quality(results, RESULTS / f"{name}.png")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / f"{name}.md").write_text(render_markdown(results))
+    plot_time_to_quality(results, out / f"{name}.png")
 
 
 def plot_time_to_quality(r: dict, path: Path) -> bool:
@@ -592,16 +616,8 @@ def _fmt(value, spec: str = ".2f", none: str = "–") -> str:
     return none if value is None else format(value, spec)
 
 
-def render_markdown(r: dict) -> str:
-    """The readable table: quality, cost, time to quality, storage, with the command that made them."""
-    m = r.get("machine", {})
-    storage = r["prepare"]["storage"]
+def _cost_lines(r: dict) -> list[str]:
     lines = [
-        "# Trajectory matching (MTT-VL / LoRS) vs MDM on EmojiCaps",
-        "",
-        f"Command: `{r.get('command', '')}`; {m.get('platform', '')}, {m.get('threads', '?')} threads, "
-        f"torch {m.get('torch', '')}, GPU: {m.get('cuda') or 'none'}. Total {_fmt(r.get('total_seconds'), '.0f')} s.",
-        "",
         "## Cost of one iteration (median seconds; each method alone, in a fresh process)",
         "",
         "MDM fresh: a new mixed teacher and a real-batch forward every iteration (the paper). MDM pooled: this "
@@ -628,47 +644,53 @@ def render_markdown(r: dict) -> str:
         )
     if lines[-1].startswith("|---"):  # no budget has its cost measured (a quality-only variant)
         lines[-4:] = ["Not measured in this run (--skip_cost)."]
-    if any("quality_mdm" in e or "quality_tm" in e for e in r["budgets"].values()):
-        lines += [
-            "",
-            "## Time to quality (validation mean recall of a short student; validation time excluded, set-up included)",
-            "",
-            "| K | method | iterations run | best val mean | best at iter | iters to 95 % | seconds to 95 % | s/iter |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for k, e in r["budgets"].items():
-            for method, label in (("mdm", "MDM"), ("tm", "TM (LoRS)")):
-                q = e.get(f"quality_{method}")
-                if not q:
-                    continue
-                lines.append(
-                    f"| {k} | {label} | {q['iterations']} | {_fmt(q.get('best_mean'))} | {q.get('best_step', '–')} | "
-                    f"{q.get('steps_to_95pct', '–')} | {_fmt(q.get('seconds_to_95pct'), '.1f')} | "
-                    f"{_fmt(q.get('median_seconds_per_iteration'), '.3f')} |"
-                )
-            ratio = e.get("ratios", {}).get("tm_over_mdm_seconds_to_95pct")
-            if ratio:
-                lines.append(f"| {k} | TM / MDM seconds to 95 % | | | | | {ratio:.2f} | |")
-        lines += ["", "## Students (test recall %, selected on validation, mean ± std over seeds)", ""]
-        for k, e in r["budgets"].items():
-            s = e.get("students")
-            if not s:
-                continue
-            lines += [f"K = {k}: {s['protocol']}", "", "| method | pairs | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | mean |",
-                      "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for row in s["rows"]:
-                cells = [f"{row[n]:.2f} ± {row.get(n + '_std', 0):.2f}" for n in
-                         ("ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean")]  # fmt: skip
-                lines.append(f"| {row['method']} | {row['pairs']} | " + " | ".join(cells) + " |")
-            lines.append("")
-    lines += [
-        f"Concurrency: {r.get('concurrency', 'one process at a time')}.",
+    return lines
+
+
+def _quality_lines(r: dict) -> list[str]:
+    lines = [
         "",
+        "## Time to quality (validation mean recall of a short student; validation time excluded, set-up included)",
+        "",
+        "| K | method | iterations run | best val mean | best at iter | iters to 95 % | seconds to 95 % | s/iter |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, e in r["budgets"].items():
+        for method, label in (("mdm", "MDM"), ("tm", "TM (LoRS)")):
+            q = e.get(f"quality_{method}")
+            if not q:
+                continue
+            lines.append(
+                f"| {k} | {label} | {q['iterations']} | {_fmt(q.get('best_mean'))} | {q.get('best_step', '–')} | "
+                f"{q.get('steps_to_95pct', '–')} | {_fmt(q.get('seconds_to_95pct'), '.1f')} | "
+                f"{_fmt(q.get('median_seconds_per_iteration'), '.3f')} |"
+            )
+        ratio = e.get("ratios", {}).get("tm_over_mdm_seconds_to_95pct")
+        if ratio:
+            lines.append(f"| {k} | TM / MDM seconds to 95 % | | | | | {ratio:.2f} | |")
+    lines += ["", "## Students (test recall %, selected on validation, mean ± std over seeds)", ""]
+    for k, e in r["budgets"].items():
+        s = e.get("students")
+        if not s:
+            continue
+        lines += [f"K = {k}: {s['protocol']}", "", "| method | pairs | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | mean |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in s["rows"]:
+            cells = [f"{row[n]:.2f} ± {row.get(n + '_std', 0):.2f}" for n in
+                     ("ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "mean")]  # fmt: skip
+            lines.append(f"| {row['method']} | {row['pairs']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _storage_lines(r: dict) -> list[str]:
+    m, storage, seconds = r.get("machine", {}), r["prepare"]["storage"], r["prepare"]["seconds"]
+    return [
         "## What each method needs besides the data",
         "",
         f"{storage['experts']} experts x {storage['epochs']} epochs from the same anchor on T train. Expert training: "
-        f"LoRA bank {_fmt(r['prepare']['seconds'].get('lora_bank'), '.0f')} s, SGD trajectory buffer "
-        f"{_fmt(r['prepare']['seconds'].get('trajectory_buffer'), '.0f')} s ({m.get('threads', '?')} threads).",
+        f"LoRA bank {_fmt(seconds.get('lora_bank'), '.0f')} s, SGD trajectory buffer "
+        f"{_fmt(seconds.get('trajectory_buffer'), '.0f')} s ({m.get('threads', '?')} threads).",
         "",
         "| | LoRA expert bank (MDM) | full trajectory buffer (TM) | buffer / bank |",
         "|---|---|---|---|",
@@ -677,10 +699,30 @@ def render_markdown(r: dict) -> str:
         f"| one checkpoint | {storage['lora_checkpoint_bytes'] / 2**20:.3f} MiB | "
         f"{storage['full_checkpoint_bytes'] / 2**20:.3f} MiB | "
         f"{storage['full_checkpoint_bytes'] / storage['lora_checkpoint_bytes']:.1f} |",
+    ]
+
+
+def render_markdown(r: dict) -> str:
+    """The readable table: quality, cost, time to quality, storage, with the command that made them."""
+    m = r.get("machine", {})
+    lines = [
+        "# Trajectory matching (MTT-VL / LoRS) vs MDM on EmojiCaps",
+        "",
+        f"Command: `{r.get('command', '')}`; {m.get('platform', '')}, {m.get('threads', '?')} threads, "
+        f"torch {m.get('torch', '')}, GPU: {m.get('cuda') or 'none'}. Total {_fmt(r.get('total_seconds'), '.0f')} s.",
+        "",
+        *_cost_lines(r),
+    ]
+    if any("quality_mdm" in e or "quality_tm" in e for e in r["budgets"].values()):
+        lines += _quality_lines(r)
+    lines += [
+        f"Concurrency: {r.get('concurrency', 'one process at a time')}.",
+        "",
+        *_storage_lines(r),
         "",
         "Notes: TM uses LoRS' Flickr30k hyper-parameters for the nearest budget with the stability changes of "
-        "`TM_STABILITY` (lr_lr and lr_sim x 0.01, step size clamped at 1e-3; the unmodified preset diverged here; "
-        "see `configs` in the JSON), and its "
+        "`TM_STABILITY` (`mdm_hf.baselines.tm`, preset `lors`: lr_lr and lr_sim x 0.01, step size clamped at 1e-3; "
+        "the unmodified preset diverged here; see `configs` in the JSON), and its "
         "learned similarity matrix and step sizes are NOT used by the common student protocol (plain InfoNCE on the "
         "pairs); both sets are scored identically. Expert training time is excluded from the distillation cost, as in "
         "the paper.",

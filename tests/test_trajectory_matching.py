@@ -1,28 +1,35 @@
 """Trajectory matching (MTT-VL / LoRS): the unrolled update against hand-worked and finite-difference cases, the
-TESLA variant against its own closed form, the parameter-distance loss, the LoRS losses and similarity matrix, and
-end-to-end distillation on the tiny CLIP fixture from recorded trajectories."""
+TESLA variant against its own closed form, the parameter-distance loss, the LoRS losses and similarity matrix, the
+LoRS presets, and end-to-end distillation on the tiny CLIP fixture from recorded trajectories."""
 
 import copy
+import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdm_hf.baselines.trajectory_matching import (
-    EXTRAS_FILE,
+from mdm_hf.baselines.tm.buffer import TrajectoryBuffer, record_trajectory_buffer
+from mdm_hf.baselines.tm.config import (
+    LORS_PRESETS,
+    MTT_VL_DEFAULTS,
+    TrajectoryBufferConfig,
+    TrajectoryMatchingConfig,
+    lors_budget,
+    lors_preset,
+)
+from mdm_hf.baselines.tm.distiller import EXTRAS_FILE, TrajectoryMatchingDistiller
+from mdm_hf.baselines.tm.losses import (
     FullSimilarity,
     LowRankSimilarity,
-    TrajectoryBuffer,
-    TrajectoryMatchingConfig,
-    TrajectoryMatchingDistiller,
     normalized_parameter_distance,
-    record_trajectory_buffer,
-    sgd_unroll,
     soft_contrastive_loss,
-    unrolled_matching_gradients,
 )
+from mdm_hf.baselines.tm.unroll import sgd_unroll, unrolled_matching_gradients
+from mdm_hf.config import ModelArguments, parse_dataclass_args
 from mdm_hf.data import load_image_caption_dataset
 from mdm_hf.losses import clip_contrastive_loss
 from mdm_hf.models import DualEncoder
@@ -234,6 +241,74 @@ def test_config_rejects_bad_values():
         TrajectoryMatchingConfig(syn_steps=0)
     with pytest.raises(ValueError, match="unroll"):
         TrajectoryMatchingConfig(unroll="scan")
+    with pytest.raises(ValueError, match="preset='mtt'"):
+        TrajectoryMatchingConfig(preset="mtt")
+    with pytest.raises(ValueError, match="syn_steps"):  # a preset's value is checked like an explicit one
+        TrajectoryMatchingConfig(preset="lors", syn_steps=0)
+    with pytest.raises(ValueError, match=r"lr_pixels=0\.0, momentum=1\.0, min_syn_lr=-1\.0"):
+        TrajectoryMatchingConfig(lr_pixels=0.0, momentum=1.0, min_syn_lr=-1.0)
+    with pytest.raises(ValueError, match="wrong type for syn_steps"):
+        TrajectoryMatchingConfig(syn_steps=2.5)
+    with pytest.raises(ValueError, match=r"momentum=1\.5, weight_decay=-1\.0"):
+        TrajectoryBufferConfig(momentum=1.5, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="wrong type for num_epochs"):
+        TrajectoryBufferConfig(num_epochs="3")
+    assert TrajectoryMatchingConfig(lr_text=0.0, lr_lr=0.0).lr_text == 0.0  # freezing is allowed
+
+
+# ============================================================================================ configuration and presets
+def test_without_a_preset_the_fields_are_mtt_vl_defaults_and_the_model_fields_are_shared():
+    cfg = TrajectoryMatchingConfig()
+    assert {k: getattr(cfg, k) for k in MTT_VL_DEFAULTS} == MTT_VL_DEFAULTS
+    assert (cfg.lr_pixels, cfg.similarity, cfg.inner_loss, cfg.unroll, cfg.min_syn_lr) == (
+        100.0, "none", "infonce", "full", None
+    )  # fmt: skip
+    assert issubclass(TrajectoryMatchingConfig, ModelArguments)
+    assert cfg.model_name_or_path == ModelArguments().model_name_or_path
+    assert TrajectoryMatchingConfig.from_dict(cfg.to_dict()) == cfg  # a saved config reads back unchanged
+
+
+def test_lors_preset_fills_what_is_not_given_for_the_nearest_budget_and_explicit_values_win():
+    cfg = TrajectoryMatchingConfig(preset="lors", num_pairs=480, lr_pixels=5.0, unroll="full")
+    expected = lors_preset(480)
+    assert lors_budget(480) == 500
+    for key, value in expected.items():
+        if key not in ("lr_pixels", "unroll"):
+            assert getattr(cfg, key) == value, key
+    assert (cfg.lr_pixels, cfg.unroll) == (5.0, "full")  # explicit, even where it equals no preset value
+    assert (cfg.similarity, cfg.inner_loss, cfg.sim_rank, cfg.mini_batch_size) == ("lowrank", "wbce", 20, 40)
+    assert cfg.lr_sim == pytest.approx(100.0 * 1e-2) and cfg.min_syn_lr == 1e-3  # the stability changes
+    faithful = TrajectoryMatchingConfig(preset="lors_faithful", num_pairs=100)
+    assert (faithful.lr_lr, faithful.lr_sim, faithful.min_syn_lr) == (1e-2, 10.0, None)
+    # an explicit value equal to the MTT-VL default still wins over the preset's (1000 at K = 200)
+    assert TrajectoryMatchingConfig(preset="lors", num_pairs=200, lr_text=100.0).lr_text == 100.0
+    assert TrajectoryMatchingConfig(preset="lors", num_pairs=200).lr_text == 1000.0
+    saved = cfg.to_dict()
+    assert TrajectoryMatchingConfig.from_dict(saved) == cfg  # resolved once: the saved config is the run
+
+
+def test_command_line_preset_and_flags(tmp_path):
+    yaml_file = tmp_path / "tm.yaml"
+    yaml_file.write_text("preset: lors\nnum_pairs: 200\nlr_sim: 3.0\n")
+    cfg = parse_dataclass_args(TrajectoryMatchingConfig, ["--config", str(yaml_file), "--sim_rank", "7"])
+    assert (cfg.preset, cfg.lr_sim, cfg.sim_rank) == ("lors", 3.0, 7)  # YAML and flags win over the preset
+    assert cfg.lr_pixels == LORS_PRESETS[200]["lr_pixels"] and cfg.unroll == "tesla"
+    plain = parse_dataclass_args(TrajectoryMatchingConfig, ["--num_pairs", "200"])
+    assert plain.lr_pixels == 100.0 and plain.similarity == "none"
+    none = parse_dataclass_args(TrajectoryMatchingConfig, ["--num_pairs", "200", "--preset", "none"])
+    assert none == plain
+
+
+def test_the_old_import_path_still_works_and_says_it_is_deprecated():
+    import mdm_hf.baselines as baselines
+    import mdm_hf.baselines.tm as tm
+
+    with pytest.warns(DeprecationWarning, match="mdm_hf.baselines.tm"):
+        old = importlib.reload(importlib.import_module("mdm_hf.baselines.trajectory_matching"))
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(tm, name), name
+    assert set(old.__all__) <= set(tm.__all__)
+    assert baselines.TrajectoryMatchingDistiller is tm.TrajectoryMatchingDistiller
 
 
 # ============================================================================================ the distiller on tiny CLIP
@@ -422,9 +497,15 @@ def test_resume_continues_bit_for_bit(tiny, tmp_path):
     straight = _distiller(tiny, tmp_path / "straight", max_steps=4, similarity="lowrank").distill()
     first = _distiller(tiny, tmp_path / "resumed", max_steps=2, similarity="lowrank")
     first.distill()
+    with pytest.raises(ValueError, match="other settings"):  # a result-changing field differs: refused
+        _distiller(tiny, tmp_path / "resumed", max_steps=4, similarity="lowrank", lr_pixels=2.0,
+                   resume_from_checkpoint="latest").distill()  # fmt: skip
+    # the same values, now written as a preset plus explicit fields, and no trajectory cache: resumes
+    same = {k: getattr(first.config, k) for k in MTT_VL_DEFAULTS}
     second = _distiller(
-        tiny, tmp_path / "resumed", max_steps=4, similarity="lowrank", resume_from_checkpoint="latest"
-    )
+        tiny, tmp_path / "resumed", **{**same, "max_steps": 4, "preset": "lors_faithful"},
+        cache_trajectories=False, resume_from_checkpoint="latest",
+    )  # fmt: skip
     resumed = second.distill()
     assert second.state.step == 4
     assert torch.equal(straight.pixel_values, resumed.pixel_values)
@@ -448,7 +529,6 @@ def test_clear_errors_for_a_lora_bank_and_too_short_trajectories(tiny, tmp_path)
 # ============================================================================================ the benchmark's helpers
 def _benchmark_module():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).parents[1] / "benchmarks" / "tm_vs_mdm.py"
     spec = importlib.util.spec_from_file_location("tm_vs_mdm", path)
@@ -464,12 +544,34 @@ def test_benchmark_time_to_95_percent_and_lors_presets():
     got = bench.time_to_fraction(records)
     # best 10.0 at step 75; the first point >= 9.5 is step 50 (9.6), not step 100 (9.0 < 9.5)
     assert got["best_step"] == 75 and got["steps_to_95pct"] == 50 and got["seconds_to_95pct"] == 20.0
-    faithful = bench.lors_preset(480, faithful=True)
-    assert faithful["preset_budget"] == 500 and faithful["lr_sim"] == 100.0 and "min_syn_lr" not in faithful
-    assert bench.lors_preset(150)["preset_budget"] == 100  # tie between 100 and 200 goes to the smaller
-    stable = bench.lors_preset(100)
+    faithful = lors_preset(480, faithful=True)
+    assert lors_budget(480) == 500 and faithful["lr_sim"] == 100.0 and "min_syn_lr" not in faithful
+    assert lors_budget(150) == 100  # tie between 100 and 200 goes to the smaller
+    stable = lors_preset(100)
     assert stable["lr_lr"] == pytest.approx(1e-4) and stable["lr_sim"] == pytest.approx(0.1)
-    TrajectoryMatchingConfig(**{k: v for k, v in stable.items() if k != "preset_budget"})  # valid fields
+    TrajectoryMatchingConfig(**stable)  # valid fields
+    assert not hasattr(bench, "LORS_PRESETS") and not hasattr(
+        bench, "lors_preset"
+    )  # the library's, not a copy
+
+
+def test_benchmark_runs_the_library_preset_fitted_to_its_buffer():
+    from types import SimpleNamespace
+
+    bench = _benchmark_module()
+    args = SimpleNamespace(mdm_teacher_mode="fresh", mdm_steps=5, eval_steps=0, tag="", tm_faithful=False,
+                           tm_unroll="full", tm_steps=7, tm_override={"lr_sim": 1.0}, mdm_override=None)  # fmt: skip
+    demo = SimpleNamespace(seed=0, lr_pixels=100.0, lr_text=100.0, expert_epochs=2)
+    paths = {"anchor": "a", "data_dir": "d", "lora_bank": "b", "buffer": "t"}
+    got = bench.method_configs(args, demo, paths, 480, Path("/tmp/w"))
+    tm = got["tm"]
+    assert got["lors_preset_budget"] == 500 and tm["preset"] == "lors"
+    assert tm["max_start_epoch"] == 2 and tm["mini_batch_size"] == 40  # 3 -> the 2-epoch buffer's 2
+    assert (tm["unroll"], tm["max_steps"], tm["lr_sim"]) == ("full", 7, 1.0)  # the command line wins
+    cfg = TrajectoryMatchingConfig(**tm)
+    assert cfg.lr_pixels == 1000.0 and cfg.min_syn_lr == 1e-3 and cfg.lr_lr == pytest.approx(1e-4)
+    args.tm_faithful = True
+    assert bench.method_configs(args, demo, paths, 480, Path("/tmp/w"))["tm"]["preset"] == "lors_faithful"
 
 
 def test_benchmark_ratios_and_partial_results_render(tmp_path):

@@ -1,0 +1,65 @@
+"""Trajectory matching for vision-language distillation (MTT-VL / LoRS), the baseline MDM is measured against.
+
+MTT (Cazenavette et al., CVPR 2022, arXiv 2203.11932), its bi-trajectory vision-language form MTT-VL (Wu et al.,
+TMLR 2024, arXiv 2308.07545) and LoRS (Xu et al., ICML 2024, arXiv 2406.03793) distil by matching *training
+trajectories*: a student starts from an expert's checkpoint, takes a few SGD steps on the synthetic pairs, and the
+synthetic pairs are moved so that it lands where the expert landed after training on the real data
+(``docs/method.md`` §7 places it among MDM's peers).
+
+One module per part, read in this order:
+
+* :mod:`.config` -- :class:`TrajectoryMatchingConfig` (MTT-VL defaults; ``preset="lors"`` for LoRS' settings),
+  :class:`TrajectoryBufferConfig`, LoRS' presets;
+* :mod:`.losses` -- the inner contrastive loss, the normalised parameter distance, LoRS' similarity matrices;
+* :mod:`.unroll` -- the student's differentiable SGD steps, exact (MTT) or constant-memory (TESLA);
+* :mod:`.buffer` -- recording and reading the expert trajectories (a full expert bank, :mod:`mdm_hf.bank`);
+* :mod:`.distiller` -- :class:`TrajectoryMatchingDistiller`, one iteration on the loop MDM shares;
+* :mod:`.cli` -- ``mdm-hf tm-buffer`` and ``mdm-hf tm``.
+"""
+
+from .buffer import TEXT_PROJECTION_PREFIXES, TrajectoryBuffer, branch_of, record_trajectory_buffer
+from .cli import buffer_main, tm_main
+from .config import (
+    LORS_COMMON,
+    LORS_PRESETS,
+    MTT_VL_DEFAULTS,
+    TM_PRESETS,
+    TM_STABILITY,
+    TrajectoryBufferConfig,
+    TrajectoryMatchingConfig,
+    lors_budget,
+    lors_preset,
+    preset_values,
+)
+from .distiller import EXTRAS_FILE, TMStepTimings, TrajectoryMatchingDistiller
+from .losses import FullSimilarity, LowRankSimilarity, normalized_parameter_distance, soft_contrastive_loss
+from .unroll import LossFn, sgd_unroll, unrolled_matching_gradients
+
+__all__ = [
+    "EXTRAS_FILE",
+    "LORS_COMMON",
+    "LORS_PRESETS",
+    "MTT_VL_DEFAULTS",
+    "TEXT_PROJECTION_PREFIXES",
+    "TM_PRESETS",
+    "TM_STABILITY",
+    "FullSimilarity",
+    "LossFn",
+    "LowRankSimilarity",
+    "TMStepTimings",
+    "TrajectoryBuffer",
+    "TrajectoryBufferConfig",
+    "TrajectoryMatchingConfig",
+    "TrajectoryMatchingDistiller",
+    "branch_of",
+    "buffer_main",
+    "lors_budget",
+    "lors_preset",
+    "normalized_parameter_distance",
+    "preset_values",
+    "record_trajectory_buffer",
+    "sgd_unroll",
+    "soft_contrastive_loss",
+    "tm_main",
+    "unrolled_matching_gradients",
+]
