@@ -24,12 +24,20 @@ from accelerate import PartialState
 
 from .anchor import AnchorPretrainingConfig, pretrain_anchor
 from .bank import bank_size_bytes, push_expert_bank
+from .baselines.tm import (
+    TrajectoryBufferConfig,
+    TrajectoryMatchingConfig,
+    TrajectoryMatchingDistiller,
+    record_trajectory_buffer,
+)
 from .config import MDMConfig, parse_dataclass_args
+from .data import cached_text_features, load_split, preprocess_split_images
 from .demo import DemoConfig, run_demo
 from .demo import __doc__ as demo_doc
 from .distill import MDMDistiller
 from .emojicaps import build_emojicaps, default_emojicaps_dir
 from .experts import ExpertTrainingConfig, train_expert_bank
+from .models import DualEncoder
 from .students import StudentConfig, compare_methods, evaluate_student, format_results_table
 
 
@@ -101,16 +109,41 @@ def data_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _tm(argv: Sequence[str]) -> int:
-    from .baselines.trajectory_matching import tm_main
+def tm_main(argv: Sequence[str]) -> int:
+    """``mdm-hf tm --config file.yaml [--preset lors] [--field value ...]``: distil with trajectory matching, save
+    the set. ``--preset lors`` fills every field not given from LoRS' settings (:mod:`mdm_hf.baselines.tm.config`)."""
+    config = parse_dataclass_args(TrajectoryMatchingConfig, argv, prog="mdm-hf tm")
+    out = Path(config.output_dir) / "synthetic"
+    if out.exists() and not out.is_dir():  # found now, not after the whole run
+        raise NotADirectoryError(
+            f"'{out}' is a file; the synthetic set is saved there. Move it or change --output_dir."
+        )
+    synthetic = TrajectoryMatchingDistiller(config).distill()
+    synthetic.save_pretrained(out, overwrite=True)
+    print(f"Synthetic set ({len(synthetic)} pairs) written to {out}; load it with load_dataset('{out}').")
+    return 0
 
-    return tm_main(argv)
 
-
-def _tm_buffer(argv: Sequence[str]) -> int:
-    from .baselines.trajectory_matching import buffer_main
-
-    return buffer_main(argv)
+def tm_buffer_main(argv: Sequence[str]) -> int:
+    """``mdm-hf tm-buffer --model_name_or_path ... --dataset_name ... --output_dir buffer/``."""
+    config = parse_dataclass_args(TrajectoryBufferConfig, argv, prog="mdm-hf tm-buffer")
+    anchor = DualEncoder.from_pretrained(
+        config.model_name_or_path, config.model_revision, config.text_pooling, config.trust_remote_code
+    )
+    validation = None
+    if config.validation_split:
+        val = load_split(config, config.validation_split, config.max_validation_images)
+        validation = (preprocess_split_images(anchor, val), cached_text_features(anchor, val, config.cache_dir),
+                      val.caption_to_image)  # fmt: skip
+    out = record_trajectory_buffer(
+        anchor, load_split(config), config.output_dir, num_experts=config.num_experts,
+        num_epochs=config.num_epochs, learning_rate=config.learning_rate, momentum=config.momentum,
+        weight_decay=config.weight_decay, batch_size=config.batch_size, seed=config.seed,
+        cache_dir=config.cache_dir, validation=validation, overwrite=config.overwrite_output_dir,
+    )  # fmt: skip
+    print(f"Trajectory buffer ({config.num_experts} experts x {config.num_epochs} epochs) written to {out}; "
+          f"use it with `mdm-hf tm --trajectory_buffer {out}`.")  # fmt: skip
+    return 0
 
 
 def demo_main(argv: Sequence[str]) -> int:
@@ -142,8 +175,8 @@ COMMANDS = {
         "Train students on a synthetic set or coresets; validation-selected, test once.",
     ),
     "data": (data_main, "Build a dataset offline (emojicaps)."),
-    "tm": (_tm, "Baseline: distill with trajectory matching (MTT-VL / LoRS style) for comparisons."),
-    "tm-buffer": (_tm_buffer, "Baseline: record the SGD expert trajectories that `mdm-hf tm` matches."),
+    "tm": (tm_main, "Baseline: distill with trajectory matching (MTT-VL / LoRS style) for comparisons."),
+    "tm-buffer": (tm_buffer_main, "Baseline: record the SGD expert trajectories that `mdm-hf tm` matches."),
     "demo": (demo_main, "The whole pipeline offline on EmojiCaps: anchor, experts, MDM, students, card."),
 }
 

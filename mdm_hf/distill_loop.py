@@ -1,7 +1,7 @@
 """What every distiller of this package shares: the outer loop, validation and early stopping, checkpoints, output.
 
 :class:`~mdm_hf.distill.MDMDistiller` and the trajectory-matching baseline
-(:class:`~mdm_hf.baselines.trajectory_matching.TrajectoryMatchingDistiller`) differ in one thing: what a training
+(:class:`~mdm_hf.baselines.tm.TrajectoryMatchingDistiller`) differ in one thing: what a training
 step does. Both learn synthetic pixels ``x~`` and text features ``e~`` initialised from real pairs, keep the best
 state under a validation hook, checkpoint to resume bit for bit, and return the same
 :class:`~mdm_hf.synthetic.SyntheticSet`. That common part lives here once, so the two are measured on equal terms.

@@ -79,7 +79,7 @@ def test_recipe_distills_from_yaml_and_overrides(tiny_clip_dir, tiny_dataset_dir
 
 
 def test_config_values_are_checked_with_the_field_and_the_fix():
-    from mdm_hf.baselines.trajectory_matching import TrajectoryMatchingConfig
+    from mdm_hf.baselines.tm import TrajectoryMatchingConfig
     from mdm_hf.config import MDMConfig
 
     with pytest.raises(ValueError, match=r"Invalid MDMConfig values: num_pairs=0, max_steps=-1"):
@@ -134,3 +134,66 @@ def test_synthetic_path_that_is_a_file_fails_at_start(tiny_clip_dir, tiny_datase
     assert main(argv) == 2
     assert "is a file" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["synthetic"]  # nothing ran
+
+
+def _distill_argv(tiny_clip_dir, dataset_dir, out, *extra) -> list[str]:
+    return ["distill", "--config", str(ROOT / "recipes/configs/tiny_offline.yaml"), "--model_name_or_path",
+            tiny_clip_dir, "--dataset_name", dataset_dir, "--output_dir", str(out), "--cache_dir",
+            str(out.parent / "cache"), *extra]  # fmt: skip
+
+
+def test_distill_command_validates_and_keeps_the_best_state(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from mdm_hf.synthetic import SyntheticSet
+
+    out = tmp_path / "run"
+    argv = _distill_argv(
+        tiny_clip_dir, tiny_dataset_dir, out, "--eval_steps", "5", "--student_max_steps", "3"
+    )
+    assert main(argv) == 0
+    state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [0, 5, 10, 15, 20]  # eval_on_start is on by default
+    best = max(state["history"], key=lambda h: h["mean"])
+    assert state["best_step"] == best["step"]
+    kept = load_file(str(out / "checkpoint-20" / "synthetic.safetensors"))["best_pixel_values"]
+    assert torch.equal(SyntheticSet.from_pretrained(out / "synthetic").pixel_values, kept)
+
+
+def test_distill_command_returns_the_start_when_distilling_only_hurts(
+    tiny_clip_dir, tiny_dataset_dir, tmp_path
+):
+    import json
+
+    import torch
+
+    from mdm_hf.synthetic import SyntheticSet
+
+    out = tmp_path / "run"
+    # a learning rate that wrecks the set: every distilled state scores at most the k-means start on validation
+    argv = _distill_argv(tiny_clip_dir, tiny_dataset_dir, out, "--eval_steps", "10", "--student_max_steps", "3",
+                         "--lr_pixels", "1e6", "--lr_text", "1e6", "--max_grad_norm", "1e6")  # fmt: skip
+    assert main(argv) == 0
+    state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
+    start = state["history"][0]["mean"]
+    assert state["history"][0]["step"] == 0 and all(h["mean"] <= start for h in state["history"][1:])
+    assert state["best_step"] == 0
+    synthetic = SyntheticSet.from_pretrained(out / "synthetic")
+    assert synthetic.provenance["best_step"] == 0
+    assert not torch.equal(synthetic.pixel_values, synthetic.pixel_values * 0)  # the real start, not a wreck
+
+
+def test_distill_without_a_validation_split_says_so(tiny_clip_dir, tmp_path, caplog):
+    from mdm_hf import testing
+
+    data = testing.write_caption_list_dataset(tmp_path / "data", splits={"train": 16})  # no validation split
+    out = tmp_path / "run"
+    assert main(_distill_argv(tiny_clip_dir, str(data), out, "--eval_steps", "5")) == 0
+    assert "No validation" in caplog.text and "--validation_split none" in caplog.text
+    caplog.clear()
+    assert main(_distill_argv(tiny_clip_dir, str(data), tmp_path / "b", "--eval_steps", "5",
+                              "--validation_split", "none")) == 0  # fmt: skip
+    assert "No validation" not in caplog.text

@@ -516,7 +516,7 @@ def test_karpathy_records_with_image_paths_resolve_against_image_root(tmp_path):
     # every run's config reaches the same split through data.load_split, image_root included
     # (expert and anchor configs had no image_root before the shared fields)
     from mdm_hf.anchor import AnchorPretrainingConfig
-    from mdm_hf.baselines.trajectory_matching import TrajectoryMatchingConfig
+    from mdm_hf.baselines.tm import TrajectoryMatchingConfig
     from mdm_hf.config import DatasetArguments, MDMConfig
     from mdm_hf.evaluation import StudentConfig
     from mdm_hf.experts import ExpertTrainingConfig

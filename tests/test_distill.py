@@ -126,7 +126,12 @@ def test_validation_hook_keeps_best_state_and_stops_early(tiny_clip_dir, tiny_da
         return {"mean": next(scores)}
 
     cfg = tiny_config(
-        tiny_clip_dir, tiny_dataset_dir, tmp_path / "out", eval_steps=2, early_stopping_patience=2
+        tiny_clip_dir,
+        tiny_dataset_dir,
+        tmp_path / "out",
+        eval_steps=2,
+        early_stopping_patience=2,
+        eval_on_start=False,
     )
     distiller = MDMDistiller(cfg, validation_fn=hook)
     best = distiller.distill()

@@ -4,40 +4,18 @@
   LoRS (Xu et al., ICML 2024, arXiv 2406.03793): unrolled SGD on the synthetic set matched to expert training
   trajectories, optionally with LoRS' learned low-rank similarity matrix. (``mdm_hf.baselines.trajectory_matching``
   is its deprecated former name.)
-
-Importing this package is cheap: the modules load on first attribute access.
 """
 
-import importlib
-from typing import TYPE_CHECKING
-
-_LAZY = {
-    "TrajectoryMatchingConfig": "mdm_hf.baselines.tm",
-    "TrajectoryMatchingDistiller": "mdm_hf.baselines.tm",
-    "TrajectoryBuffer": "mdm_hf.baselines.tm",
-    "record_trajectory_buffer": "mdm_hf.baselines.tm",
-    "tm_main": "mdm_hf.baselines.tm",
-}
+from .tm import (
+    TrajectoryBuffer,
+    TrajectoryMatchingConfig,
+    TrajectoryMatchingDistiller,
+    record_trajectory_buffer,
+)
 
 __all__ = [
     "TrajectoryBuffer",
     "TrajectoryMatchingConfig",
     "TrajectoryMatchingDistiller",
     "record_trajectory_buffer",
-    "tm_main",
 ]
-
-if TYPE_CHECKING:
-    from .tm import (
-        TrajectoryBuffer,
-        TrajectoryMatchingConfig,
-        TrajectoryMatchingDistiller,
-        record_trajectory_buffer,
-        tm_main,
-    )
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mdm_hf.baselines' has no attribute {name!r}")

@@ -18,12 +18,10 @@ from .tm import (
     TrajectoryMatchingConfig,
     TrajectoryMatchingDistiller,
     branch_of,
-    buffer_main,
     normalized_parameter_distance,
     record_trajectory_buffer,
     sgd_unroll,
     soft_contrastive_loss,
-    tm_main,
     unrolled_matching_gradients,
 )
 
@@ -45,11 +43,9 @@ __all__ = [
     "TrajectoryMatchingConfig",
     "TrajectoryMatchingDistiller",
     "branch_of",
-    "buffer_main",
     "normalized_parameter_distance",
     "record_trajectory_buffer",
     "sgd_unroll",
     "soft_contrastive_loss",
-    "tm_main",
     "unrolled_matching_gradients",
 ]

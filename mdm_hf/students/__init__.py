@@ -28,6 +28,7 @@ from .evaluator import (
     evaluate_split,
     evaluate_student,
     student_validation_fn,
+    validation_hook,
 )
 from .model import (
     FrozenTextEncoder,
@@ -101,5 +102,6 @@ __all__ = [
     "method_label",
     "save_results",
     "student_validation_fn",
+    "validation_hook",
     "validation_hook",
 ]

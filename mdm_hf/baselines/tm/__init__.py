@@ -14,11 +14,10 @@ One module per part, read in this order:
 * :mod:`.unroll` -- the student's differentiable SGD steps, exact (MTT) or constant-memory (TESLA);
 * :mod:`.buffer` -- recording and reading the expert trajectories (a full expert bank, :mod:`mdm_hf.bank`);
 * :mod:`.distiller` -- :class:`TrajectoryMatchingDistiller`, one iteration on the loop MDM shares;
-* :mod:`.cli` -- ``mdm-hf tm-buffer`` and ``mdm-hf tm``.
+* ``mdm-hf tm-buffer`` and ``mdm-hf tm`` are :func:`mdm_hf.cli.tm_buffer_main` and :func:`mdm_hf.cli.tm_main`.
 """
 
 from .buffer import TEXT_PROJECTION_PREFIXES, TrajectoryBuffer, branch_of, record_trajectory_buffer
-from .cli import buffer_main, tm_main
 from .config import (
     LORS_COMMON,
     LORS_PRESETS,
@@ -52,7 +51,6 @@ __all__ = [
     "TrajectoryMatchingConfig",
     "TrajectoryMatchingDistiller",
     "branch_of",
-    "buffer_main",
     "lors_budget",
     "lors_preset",
     "normalized_parameter_distance",
@@ -60,6 +58,5 @@ __all__ = [
     "record_trajectory_buffer",
     "sgd_unroll",
     "soft_contrastive_loss",
-    "tm_main",
     "unrolled_matching_gradients",
 ]
