@@ -203,7 +203,7 @@ def build_anchor(config: AnchorPretrainingConfig) -> DualEncoder:
     )
 
     text_path = config.text_model_name_or_path or default_text_model_path()
-    text_model = AutoModel.from_pretrained(text_path)
+    text_model = AutoModel.from_pretrained(text_path, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     vision_config = CLIPVisionConfig(
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,

@@ -234,21 +234,21 @@ def _strip_peft_prefix(key: str) -> str:
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
 
 
-def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], bank_anchor: dict) -> dict:
-    """One saved LoRA checkpoint -> ``{anchor parameter name: LowRankDelta | dense Tensor offset}``."""
-
-    cfg_path, weights = epoch_dir / "adapter_config.json", epoch_dir / "adapter_model.safetensors"
+def _lora_config(epoch_dir: Path, bank_anchor: dict) -> dict:
+    """The adapter's ``adapter_config.json``, checked: a plain LoRA adapter trained from the bank's anchor."""
+    weights = epoch_dir / "adapter_model.safetensors"
     if not weights.is_file():
         pickled = any((epoch_dir / n).exists() for n in ("adapter_model.bin", "adapter_model.pt"))
-        raise ValueError(
-            f"{epoch_dir}: no adapter_model.safetensors"
-            + (
-                " (only a pickled adapter_model.bin, which is never loaded: re-save it with safetensors)."
-                if pickled
-                else "."
-            )
+        hint = (
+            " (only a pickled adapter_model.bin, which is never loaded: re-save it with safetensors)"
+            if pickled
+            else ""
         )
-    cfg = json.loads(cfg_path.read_text())
+        raise ValueError(f"{epoch_dir}: no adapter_model.safetensors{hint}.")
+    try:
+        cfg = json.loads((epoch_dir / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{epoch_dir / 'adapter_config.json'} cannot be read ({err}).") from err
     if cfg.get("peft_type") != "LORA":
         raise ValueError(
             f"{epoch_dir}: a {cfg.get('peft_type')} adapter; expert banks hold LoRA adapters only."
@@ -264,11 +264,50 @@ def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], b
             f"{epoch_dir}: the adapter was trained from {_anchor_label(*base)}, but the bank's manifest names "
             f"{_anchor_label(bank_anchor.get('name_or_path'), bank_anchor.get('revision'))}. The bank is inconsistent."
         )
+    return cfg
+
+
+def _low_rank_delta(epoch_dir: Path, module: str, ab: dict, weight: torch.Tensor, cfg: dict) -> LowRankDelta:
+    """``ΔW = scale · B · A`` of one adapted layer, its factors checked against the anchor weight and the config."""
+    a, b = ab["A"], ab["B"]
+    if (
+        a.ndim != 2
+        or b.ndim != 2
+        or a.shape[0] != b.shape[1]
+        or (b.shape[0], a.shape[1]) != tuple(weight.shape)
+    ):
+        raise ValueError(
+            f"{epoch_dir}: LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
+            f"anchor weight {tuple(weight.shape)}."
+        )
+    r = a.shape[0]
+    ranks, alphas = cfg.get("rank_pattern", {}), cfg.get("alpha_pattern", {})
+    expected_r = ranks.get(get_pattern_key(ranks.keys(), module), cfg["r"])
+    if r != expected_r:
+        raise ValueError(f"{epoch_dir}: '{module}' has rank {r} but its adapter_config says {expected_r}.")
+    alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg["lora_alpha"])
+    # peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; ΔW = scaling · B · A.
+    return LowRankDelta(a, b, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
+
+
+def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], bank_anchor: dict) -> dict:
+    """One saved LoRA checkpoint -> ``{anchor parameter name: LowRankDelta | dense Tensor offset}``.
+
+    Refuses a file that cannot be read (named), an adapter without LoRA tensors, and one that changes nothing
+    (every offset zero): either would silently make the mixed teacher the anchor.
+    """
+    cfg = _lora_config(epoch_dir, bank_anchor)
+    weights = epoch_dir / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # noqa: BLE001 - truncated or not safetensors: name the file either way
+        raise ValueError(
+            f"{weights} cannot be read ({type(err).__name__}: {err}); the bank is damaged."
+        ) from err
     factors: dict[str, dict[str, torch.Tensor]] = {}
     deltas: dict = {}
-    for key, tensor in load_file(str(weights)).items():
-        match = _LORA_KEY.match(key)
-        if match:
+    for key, tensor in tensors.items():
+        if match := _LORA_KEY.match(key):
             factors.setdefault(match["module"], {})[match["ab"]] = tensor.float()
             continue
         name = _strip_peft_prefix(key)
@@ -279,37 +318,29 @@ def lora_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor], b
                 f"{epoch_dir}: '{name}' has shape {tuple(tensor.shape)}, the anchor's {tuple(anchor_params[name].shape)}."
             )
         deltas[name] = tensor.float() - anchor_params[name].detach().float().cpu()
+    if not factors:
+        raise ValueError(
+            f"{weights} holds no LoRA tensors (lora_A / lora_B); it is not an expert of this bank."
+        )
     for module, ab in factors.items():
-        name = f"{module}.weight"
-        if set(ab) != {"A", "B"} or name not in anchor_params:
+        if set(ab) != {"A", "B"} or f"{module}.weight" not in anchor_params:
             raise ValueError(
                 f"{epoch_dir}: LoRA factors of '{module}' are incomplete or match no anchor weight."
             )
-        a, b, w = ab["A"], ab["B"], anchor_params[name]
-        if (
-            a.ndim != 2
-            or b.ndim != 2
-            or a.shape[0] != b.shape[1]
-            or (b.shape[0], a.shape[1]) != tuple(w.shape)
-        ):
-            raise ValueError(
-                f"{epoch_dir}: LoRA factors of '{module}' (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the "
-                f"anchor weight {tuple(w.shape)}."
-            )
-        r = a.shape[0]
-        expected_r = cfg.get("rank_pattern", {}).get(
-            get_pattern_key(cfg.get("rank_pattern", {}).keys(), module), cfg["r"]
+        deltas[f"{module}.weight"] = _low_rank_delta(
+            epoch_dir, module, ab, anchor_params[f"{module}.weight"], cfg
         )
-        if r != expected_r:
-            raise ValueError(
-                f"{epoch_dir}: '{module}' has rank {r} but its adapter_config says {expected_r}."
-            )
-        alphas = cfg.get("alpha_pattern", {})
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg["lora_alpha"])
-        # peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA; ΔW = scaling · B · A.
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        deltas[name] = LowRankDelta(a, b, scale)
+    if all(not _changes_anything(d) for d in deltas.values()):
+        raise ValueError(
+            f"{weights}: every offset is zero, so this expert equals the anchor (an untrained adapter?)."
+        )
     return deltas
+
+
+def _changes_anything(delta) -> bool:
+    if isinstance(delta, LowRankDelta):
+        return bool(delta.lora_A.abs().sum() > 0 and delta.lora_B.abs().sum() > 0 and delta.scale != 0)
+    return bool(delta.abs().sum() > 0)
 
 
 def full_epoch_deltas(epoch_dir: Path, anchor_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

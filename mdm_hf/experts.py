@@ -5,19 +5,8 @@ MDM (arXiv 2605.23482, docs/method.md §2) merges, per distillation iteration, k
 is a ``peft`` LoRA adapter on the **vision tower** with the projections trained in full (``modules_to_save``) and
 the text tower frozen, so a whole bank is megabytes instead of the peers' full-weight trajectory buffers.
 
-A bank on disk (and as a Hub model repo)::
-
-    <bank>/manifest.json                     format version, anchor id + revision + fingerprint, family, kind,
-                                             target modules, r / alpha, seeds, epochs, per-epoch loss and recall
-    <bank>/README.md                         model card (hub_cards/expert_bank_card.md)
-    <bank>/expert-<i>/epoch-<e>/             adapter_model.safetensors + adapter_config.json (kind "lora"), or
-                                             model.safetensors holding the trained tensors (kind "full")
-
-:func:`load_expert_bank` reads a bank with ``safetensors`` only (never pickle), checks it belongs to the given
-anchor and turns every checkpoint into anchor-relative offsets keyed by the anchor's parameter names: a LoRA layer
-becomes ``LowRankDelta(A, B, scale)`` with ``ΔW = scale · B · A`` and ``scale = lora_alpha / r`` (``/ sqrt(r)``
-with rsLoRA); a module trained in full becomes its dense difference ``w_i − w0``. Those are what
-:class:`mdm_hf.merge.ExpertBank` merges.
+The bank format -- manifest, card, per-epoch adapters -- and how a bank is read back as anchor-relative offsets are
+:mod:`mdm_hf.bank`.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ class DualEncoder(nn.Module):
                 f"'{name_or_path}' is a '{config.model_type}' checkpoint, which is not a supported dual encoder. "
                 f"Supported model types: {sorted(SUPPORTED_MODEL_TYPES)}."
             )
-        model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
+        # safetensors only: a pickle-only checkpoint (pytorch_model.bin) is refused, never unpickled
+        model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float32, use_safetensors=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
         model.eval()

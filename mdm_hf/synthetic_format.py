@@ -127,6 +127,11 @@ def column_to_tensor(column, depth: int, name: str) -> torch.Tensor:
         if inner is not None and shape != inner:
             raise ValueError(f"Column '{name}' changes shape between chunks: {inner} vs {shape}.")
         inner = shape
+        if arr.type not in (pa.float32(), pa.float64()):  # float16 loses the learned values; ints are not ours
+            raise ValueError(
+                f"Column '{name}' holds {arr.type} values, expected float32: the set was modified or written by "
+                "other code. Re-create it with SyntheticSet(...).save_pretrained, which writes float32."
+            )
         values = arr.to_numpy(zero_copy_only=False)
         arrays.append(values.reshape(len(chunk), *shape))
     if not arrays:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +145,77 @@ def test_experts_overwrite_never_removes_a_file_the_run_did_not_write(
     assert experts_main(_tiny_args(tiny_clip_dir, tiny_dataset_dir, bank, "--num_experts", "1",
                                    "--overwrite_output_dir", "true")) == 0  # fmt: skip
     assert (bank / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- silent wrong results
+def _adapter(tiny_clip_dir, directory, init_lora_weights=False):
+    from peft import LoraConfig, get_peft_model
+
+    from mdm_hf.experts import lora_target_regex
+    from mdm_hf.models import DualEncoder
+
+    anchor = DualEncoder.from_pretrained(tiny_clip_dir)
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=lora_target_regex(anchor.model),
+                        init_lora_weights=init_lora_weights, base_model_name_or_path=tiny_clip_dir)  # fmt: skip
+    get_peft_model(DualEncoder.from_pretrained(tiny_clip_dir).model, config).save_pretrained(str(directory))
+    return {n: p.detach().clone() for n, p in anchor.model.named_parameters()}
+
+
+def test_adapters_that_would_be_silent_no_op_experts_are_refused(tiny_clip_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from mdm_hf.bank import lora_epoch_deltas
+
+    anchor = {"name_or_path": tiny_clip_dir, "revision": None}
+    params = _adapter(tiny_clip_dir, tmp_path / "good")
+    assert lora_epoch_deltas(tmp_path / "good", params, anchor)  # the control: a real adapter loads
+    weights = "adapter_model.safetensors"
+    for name, damage in {
+        "empty": lambda p: save_file({}, str(p)),  # a valid file with an empty header
+        "truncated": lambda p: p.write_bytes(p.read_bytes()[:50]),
+    }.items():
+        _adapter(tiny_clip_dir, tmp_path / name)
+        damage(tmp_path / name / weights)
+        with pytest.raises(ValueError, match=rf"{name}/{weights}"):
+            lora_epoch_deltas(tmp_path / name, params, anchor)
+    _adapter(tiny_clip_dir, tmp_path / "untrained", init_lora_weights=True)  # B = 0: ΔW = 0 everywhere
+    with pytest.raises(ValueError, match="every offset is zero"):
+        lora_epoch_deltas(tmp_path / "untrained", params, anchor)
+
+
+def test_a_pickle_only_checkpoint_is_never_unpickled(tiny_clip_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mdm_hf.models import DualEncoder
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_clip_dir, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        DualEncoder.from_pretrained(str(pickled))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int64"])
+def test_a_tampered_column_dtype_is_refused_on_load(tmp_path, dtype):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mdm_hf.synthetic import SyntheticSet
+    from tests.test_synthetic import make_set
+
+    out = tmp_path / "set"
+    make_set(k=3).save_pretrained(out)
+    (shard,) = (out / "data").glob("*.parquet")
+    table = pq.read_table(shard)
+    i = table.schema.get_field_index("text_features")
+    values = np.clip(np.nan_to_num(np.array(table["text_features"].to_pylist())), -1e4, 1e4).astype(dtype)
+    column = pa.array(list(values), type=pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))
+    pq.write_table(table.set_column(i, "text_features", column), shard)
+    with pytest.raises(
+        ValueError, match=f"'text_features' holds ({dtype}|halffloat) values, expected float32"
+    ):
+        SyntheticSet.from_pretrained(out)

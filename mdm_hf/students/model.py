@@ -284,7 +284,7 @@ def load_vision_backbone(
             space = PixelSpace.make(encoder.image_mean, encoder.image_std, encoder.image_size)
             head = _head_of(encoder)
         else:
-            model = AutoModel.from_pretrained(name, **kwargs)
+            model = AutoModel.from_pretrained(name, use_safetensors=True, **kwargs)
             backbone = VisionBackbone(model, "transformers")
             fallback = getattr(model.config, "image_size", None) or teacher_space.size
             try:
@@ -332,7 +332,7 @@ class FrozenTextEncoder(nn.Module):
     def from_pretrained(
         cls, name: str, revision: str | None = None, pooling: str = "cls"
     ) -> FrozenTextEncoder:
-        model = AutoModel.from_pretrained(name, revision=revision)
+        model = AutoModel.from_pretrained(name, revision=revision, use_safetensors=True)
         return cls(model, AutoTokenizer.from_pretrained(name, revision=revision), name, revision, pooling)
 
     @property
