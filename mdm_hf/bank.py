@@ -142,13 +142,47 @@ def read_manifest(bank_dir: str | os.PathLike) -> dict:
             f"'{bank_dir}' is not an expert bank: it has no {MANIFEST_NAME}. Make one with `mdm-hf experts` "
             "(recipes/finetune_experts.py)."
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version", 0) > BANK_FORMAT_VERSION:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the bank is damaged. Train it again.") from err
+    if not isinstance(manifest, dict):
         raise ValueError(
-            f"Expert bank '{bank_dir}' has format version {manifest['format_version']}; this mdm-hf reads up to "
+            f"{path} holds a {type(manifest).__name__}, not a manifest object; the bank is damaged."
+        )
+    version = manifest.get("format_version", 0)
+    if isinstance(version, int) and version > BANK_FORMAT_VERSION:
+        raise ValueError(
+            f"Expert bank '{bank_dir}' has format version {version}; this mdm-hf reads up to "
             f"{BANK_FORMAT_VERSION}. Upgrade mdm-hf."
         )
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """The fields loading relies on, each named when missing or of the wrong type."""
+    problems = []
+    if not isinstance(manifest.get("anchor"), dict):
+        problems.append("no 'anchor' object (which model the bank was trained from)")
+    if manifest.get("kind") not in ("lora", "full"):
+        problems.append(f"'kind' is {manifest.get('kind')!r}, not 'lora' or 'full'")
+    experts = manifest.get("experts")
+    if not isinstance(experts, list):
+        problems.append("no 'experts' list")
+    else:
+        for i, expert in enumerate(experts):
+            epochs = expert.get("epochs") if isinstance(expert, dict) else None
+            if not isinstance(epochs, list) or not all(isinstance(e, dict) for e in epochs):
+                problems.append(f"experts[{i}] has no 'epochs' list")
+                continue
+            for e in epochs:
+                if not isinstance(e.get("epoch"), int) or isinstance(e.get("epoch"), bool):
+                    problems.append(f"experts[{i}] has epoch {e.get('epoch')!r}, not an integer")
+                if not isinstance(e.get("path"), str):
+                    problems.append(f"experts[{i}] epoch {e.get('epoch')!r} has no 'path'")
+    if problems:
+        raise ValueError(f"{path} is not a valid expert-bank manifest: {'; '.join(problems[:4])}.")
 
 
 def bank_size_bytes(bank_dir: str | os.PathLike) -> int:
@@ -384,7 +418,7 @@ def load_expert_bank(
             else:
                 epochs.append(full_epoch_deltas(epoch_dir, anchor_params))
         experts.append(epochs)
-        names.append(expert["name"])
+        names.append(expert.get("name", f"expert-{len(names)}"))
     if not experts:
         raise ValueError(f"Expert bank '{id_or_dir}' holds no experts (an interrupted run?). Train it again.")
     touched = sorted({n for epochs in experts for deltas in epochs for n in deltas})

@@ -175,8 +175,14 @@ def _hash(*parts) -> str:
 
 
 def _load_raw(name_or_path: str, revision: str | None, streaming: bool, data_dir: str | None):
+    """``datasets.load_dataset`` with its errors turned into ones that name the fix."""
     try:
         return datasets.load_dataset(name_or_path, revision=revision, streaming=streaming, data_dir=data_dir)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"A text file of {name_or_path} (e.g. metadata.jsonl / metadata.csv) is not UTF-8 ({err}). Re-save it "
+            "as UTF-8."
+        ) from err
     except (ConnectionError, OSError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         if os.path.exists(name_or_path):
             raise

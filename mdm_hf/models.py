@@ -124,7 +124,9 @@ class DualEncoder(nn.Module):
                 f"Supported model types: {sorted(SUPPORTED_MODEL_TYPES)}."
             )
         # safetensors only: a pickle-only checkpoint (pytorch_model.bin) is refused, never unpickled
-        model = AutoModel.from_pretrained(name_or_path, dtype=dtype or torch.float32, use_safetensors=True, **kwargs)
+        model = AutoModel.from_pretrained(
+            name_or_path, dtype=dtype or torch.float32, use_safetensors=True, **kwargs
+        )
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
         model.eval()

@@ -127,7 +127,10 @@ def column_to_tensor(column, depth: int, name: str) -> torch.Tensor:
         if inner is not None and shape != inner:
             raise ValueError(f"Column '{name}' changes shape between chunks: {inner} vs {shape}.")
         inner = shape
-        if arr.type not in (pa.float32(), pa.float64()):  # float16 loses the learned values; ints are not ours
+        if arr.type not in (
+            pa.float32(),
+            pa.float64(),
+        ):  # float16 loses the learned values; ints are not ours
             raise ValueError(
                 f"Column '{name}' holds {arr.type} values, expected float32: the set was modified or written by "
                 "other code. Re-create it with SyntheticSet(...).save_pretrained, which writes float32."
@@ -156,7 +159,16 @@ def read_saved(directory: Path) -> tuple[pa.Table, dict]:
             "dataset of this layout use SyntheticSet.from_dataset(load_dataset(dir)['train'], image_mean=..., "
             "image_std=...)."
         )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err}); save the set again.") from err
+    missing = [k for k in ("image_mean", "image_std") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(
+            f"{meta_path} lacks {missing}: without the pixel normalisation the learned pixels cannot be read. "
+            "Save the set again with SyntheticSet.save_pretrained."
+        )
     version = int(meta.get("format_version", 0))
     if version > FORMAT_VERSION:
         raise ValueError(
@@ -167,6 +179,12 @@ def read_saved(directory: Path) -> tuple[pa.Table, dict]:
     if not files:
         raise FileNotFoundError(f"'{directory / DATA_DIR}' holds no parquet shards; the save is incomplete.")
     wanted = [c for c in COLUMNS if c != "image"]
+    for f in files:
+        absent = [c for c in wanted if c not in pq.read_schema(f).names]
+        if absent:
+            raise ValueError(
+                f"{f} lacks the column(s) {absent}; the set was modified or is incomplete. Save it again."
+            )
     return pa.concat_tables([pq.read_table(f, columns=wanted) for f in files]), meta
 
 

@@ -219,3 +219,54 @@ def test_a_tampered_column_dtype_is_refused_on_load(tmp_path, dtype):
         ValueError, match=f"'text_features' holds ({dtype}|halffloat) values, expected float32"
     ):
         SyntheticSet.from_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------- clear errors
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"kind": "lora", "experts": []}', "no 'anchor' object"),
+        ('{"kind": "lora", "anchor": {}, "experts": [{"epochs": [{"epoch": "one", "path": "e"}]}]}',
+         "epoch 'one', not an integer"),
+    ],
+)  # fmt: skip
+def test_a_damaged_manifest_is_named(tmp_path, manifest, expected):
+    from mdm_hf.bank import read_manifest
+
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(ValueError, match=expected):
+        read_manifest(tmp_path)
+
+
+def test_non_utf8_metadata_is_a_clear_error(tmp_path):
+    from mdm_hf import testing
+    from mdm_hf.data import load_image_caption_dataset
+
+    root = testing.write_imagefolder_dataset(tmp_path / "folder")
+    metadata = Path(root) / "train" / "metadata.jsonl"
+    metadata.write_bytes(metadata.read_bytes().replace(b'"', b'"\xff', 1))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_image_caption_dataset(str(root), "train")
+
+
+@pytest.mark.parametrize("damage", ["no_mean", "no_pixels"])
+def test_a_set_missing_what_loading_needs_is_named(tmp_path, damage):
+    import pyarrow.parquet as pq
+
+    from mdm_hf.synthetic import SyntheticSet
+    from tests.test_synthetic import make_set
+
+    out = tmp_path / "set"
+    make_set(k=3).save_pretrained(out)
+    if damage == "no_mean":
+        meta = json.loads((out / "mdm_synthetic.json").read_text())
+        del meta["image_mean"]
+        (out / "mdm_synthetic.json").write_text(json.dumps(meta))
+        expected = "lacks \\['image_mean'\\]"
+    else:
+        (shard,) = (out / "data").glob("*.parquet")
+        pq.write_table(pq.read_table(shard).drop(["pixel_values"]), shard)
+        expected = "lacks the column\\(s\\) \\['pixel_values'\\]"
+    with pytest.raises(ValueError, match=expected):
+        SyntheticSet.from_pretrained(out)
