@@ -23,7 +23,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 __all__ = [
@@ -202,8 +202,11 @@ def upload_folder_checked(
     """
     check_repo_id(repo_id)
     local = Path(folder)
-    if token:
-        assert_token_absent(local, token, token_free)
+    used = (
+        token or get_token()
+    )  # the token the upload will really use: the argument, HF_TOKEN or `hf auth login`
+    if used:
+        assert_token_absent(local, used, token_free)
     url = f"{constants.ENDPOINT}/{constants.REPO_TYPES_URL_PREFIXES.get(repo_type, '')}{repo_id}"
     branch = revision not in (None, "main")
     api = HfApi(token=token)
@@ -222,7 +225,7 @@ def upload_folder_checked(
         )
     except Exception as err:  # any failure: keep the local copy and say how to resume
         where = dict(repo_id=repo_id, repo_type=repo_type, revision=revision, local=local, url=url)
-        raise error(_upload_failure(err, token, what, resume_hint, **where)) from err
+        raise error(_upload_failure(err, used, what, resume_hint, **where)) from err
     if isinstance(repo_url, str) and repo_url.startswith("http"):
         url = str(repo_url).rstrip("/")
     if branch:

@@ -205,6 +205,17 @@ def test_upload_folder_checked_refuses_before_any_call(tmp_path, api_calls):
     assert api_calls["init"] == [] and api_calls["create_repo"] == []
 
 
+def test_the_token_from_the_environment_is_checked_too(tmp_path, api_calls, monkeypatch):
+    """No token= argument: the upload would use HF_TOKEN, so that token must not be in the files either."""
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    (tmp_path / "README.md").write_text(f"leaked {FAKE_TOKEN}")
+    with pytest.raises(ValueError, match="token appears in README.md"):
+        hub.upload_folder_checked(
+            tmp_path, "me/x", repo_type="dataset", commit_message="x", token_free=["README.md"]
+        )
+    assert api_calls["create_repo"] == []
+
+
 def test_failed_upload_names_the_local_copy_without_the_token(tmp_path, api_calls, monkeypatch):
     def fail(self, **kwargs):
         raise RuntimeError(f"503 (sent {FAKE_TOKEN})")
