@@ -67,6 +67,16 @@ def anchor_fingerprint(model: nn.Module) -> dict:
     }
 
 
+def anchor_entry(anchor: DualEncoder) -> dict:
+    """The manifest's ``anchor`` record: id, revision, family, pooling and the weight fingerprint that
+    :func:`check_anchor` compares against."""
+    return {
+        "name_or_path": anchor.name_or_path, "revision": anchor.revision, "family": anchor.family,
+        "model_type": anchor.model.config.model_type, "text_pooling": anchor.text_pooling,
+        **anchor_fingerprint(anchor.model),
+    }  # fmt: skip
+
+
 def _anchor_label(name: str | None, revision: str | None) -> str:
     return f"'{name}'" + (f" (revision {revision})" if revision else "")
 

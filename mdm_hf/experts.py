@@ -30,7 +30,7 @@ from . import __version__
 from .bank import (
     BANK_FORMAT_VERSION,
     MANIFEST_NAME,
-    anchor_fingerprint,
+    anchor_entry,
     owns_bank_entry,
     read_manifest,
     write_bank_card,
@@ -325,44 +325,8 @@ def train_expert_bank(
             config.model_name_or_path, config.model_revision, config.text_pooling, config.trust_remote_code
         )
     anchor.requires_grad_(False)
-    train = load_split(config)
-    with acc.main_process_first():  # rank 0 fills the text-feature cache, the others read it
-        train_features = cached_text_features(anchor, train, config.cache_dir)
-    train_pixels = (
-        preprocess_split_images(anchor, train) if train.num_images <= config.max_cached_images else None
-    )
-    validation = None
-    if config.validation_split:
-        val = load_split(config, config.validation_split, config.max_validation_images)
-        with acc.main_process_first():
-            val_features = cached_text_features(anchor, val, config.cache_dir)
-        validation = (preprocess_split_images(anchor, val), val_features, val.caption_to_image)
-    fingerprint = anchor_fingerprint(anchor.model)
-    manifest = {
-        "format_version": BANK_FORMAT_VERSION,
-        "created_with": f"mdm-hf {__version__}",
-        "kind": config.kind,
-        "family": anchor.family,
-        "anchor": {
-            "name_or_path": anchor.name_or_path, "revision": anchor.revision, "family": anchor.family,
-            "model_type": anchor.model.config.model_type, "text_pooling": anchor.text_pooling, **fingerprint,
-        },
-        "lora": None if config.full_finetune else {
-            "r": config.lora_r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
-            "lora_dropout": config.lora_dropout,
-            "target_modules": lora_target_regex(anchor.model, config.target_modules),
-            "modules_to_save": config.modules_to_save or default_modules_to_save(anchor),
-        },
-        "trained_parameters": full_finetune_parameters(anchor) if config.full_finetune else None,
-        "seeds": config.expert_seeds,
-        "num_epochs": config.num_epochs,
-        "dataset": {"name": config.dataset_name, "revision": config.dataset_revision, "split": config.train_split,
-                    "validation_split": config.validation_split, "num_images": train.num_images,
-                    "num_captions": train.num_captions, "fingerprint": train.fingerprint, "license": train.license},
-        "validation_metric": "recall@1 (ir@1, tr@1, mean; %) on the validation split" if validation else None,
-        "training": config.to_dict(),
-        "experts": [],
-    }  # fmt: skip
+    train, train_features, train_pixels, validation = _training_data(config, anchor, acc)
+    manifest = _new_manifest(config, anchor, train, validation is not None)
     if previous is not None:
         manifest["experts"] = _resumable_experts(previous, manifest, config)
         logger.info("Resuming the bank in %s: %d expert(s) kept.", out, len(manifest["experts"]))
@@ -380,6 +344,49 @@ def train_expert_bank(
         write_bank_card(out, manifest)
     acc.wait_for_everyone()
     return out
+
+
+def _training_data(config: ExpertTrainingConfig, anchor: DualEncoder, acc):
+    """Train split, its cached text features and (small splits) pixels, and the validation triple or None."""
+    train = load_split(config)
+    with acc.main_process_first():  # rank 0 fills the text-feature cache, the others read it
+        train_features = cached_text_features(anchor, train, config.cache_dir)
+    train_pixels = (
+        preprocess_split_images(anchor, train) if train.num_images <= config.max_cached_images else None
+    )
+    validation = None
+    if config.validation_split:
+        val = load_split(config, config.validation_split, config.max_validation_images)
+        with acc.main_process_first():
+            val_features = cached_text_features(anchor, val, config.cache_dir)
+        validation = (preprocess_split_images(anchor, val), val_features, val.caption_to_image)
+    return train, train_features, train_pixels, validation
+
+
+def _new_manifest(config: ExpertTrainingConfig, anchor: DualEncoder, train, validated: bool) -> dict:
+    """The manifest of a bank before its first expert (:mod:`mdm_hf.bank` documents the format)."""
+    return {
+        "format_version": BANK_FORMAT_VERSION,
+        "created_with": f"mdm-hf {__version__}",
+        "kind": config.kind,
+        "family": anchor.family,
+        "anchor": anchor_entry(anchor),
+        "lora": None if config.full_finetune else {
+            "r": config.lora_r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+            "lora_dropout": config.lora_dropout,
+            "target_modules": lora_target_regex(anchor.model, config.target_modules),
+            "modules_to_save": config.modules_to_save or default_modules_to_save(anchor),
+        },
+        "trained_parameters": full_finetune_parameters(anchor) if config.full_finetune else None,
+        "seeds": config.expert_seeds,
+        "num_epochs": config.num_epochs,
+        "dataset": {"name": config.dataset_name, "revision": config.dataset_revision, "split": config.train_split,
+                    "validation_split": config.validation_split, "num_images": train.num_images,
+                    "num_captions": train.num_captions, "fingerprint": train.fingerprint, "license": train.license},
+        "validation_metric": "recall@1 (ir@1, tr@1, mean; %) on the validation split" if validated else None,
+        "training": config.to_dict(),
+        "experts": [],
+    }  # fmt: skip
 
 
 # settings that may change between an interrupted run and its resumption (they do not change the experts)

@@ -22,7 +22,7 @@ from ... import __version__
 from ...bank import (
     BANK_FORMAT_VERSION,
     MANIFEST_NAME,
-    anchor_fingerprint,
+    anchor_entry,
     check_anchor,
     owns_bank_entry,
     read_manifest,
@@ -217,11 +217,7 @@ def _buffer_manifest(
         "created_with": f"mdm-hf {__version__} (trajectory buffer)",
         "kind": "full",
         "family": anchor.family,
-        "anchor": {
-            "name_or_path": anchor.name_or_path, "revision": anchor.revision, "family": anchor.family,
-            "model_type": anchor.model.config.model_type, "text_pooling": anchor.text_pooling,
-            **anchor_fingerprint(anchor.model),
-        },
+        "anchor": anchor_entry(anchor),
         "lora": None,
         "trained_parameters": trained,
         "seeds": [seed + i for i in range(num_experts)],
