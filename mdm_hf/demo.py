@@ -89,8 +89,12 @@ def _stage(name: str):
 
 
 def build_data(cfg: DemoConfig) -> Path:
+    """EmojiCaps for the demo; an older EmojiCaps build in the same folder is rebuilt (a folder that is not an
+    EmojiCaps build is never touched: :func:`~mdm_hf.emojicaps.build_emojicaps`)."""
     path = Path(cfg.data_dir) if cfg.data_dir else default_emojicaps_dir(cfg.image_size)
-    return build_emojicaps(path, image_size=cfg.image_size, seed=cfg.seed, max_concepts=cfg.max_concepts)
+    return build_emojicaps(
+        path, image_size=cfg.image_size, seed=cfg.seed, max_concepts=cfg.max_concepts, overwrite=True
+    )
 
 
 def train_anchor(cfg: DemoConfig, data_dir: Path, out: Path) -> Path:
