@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import accelerate
 import torch
@@ -34,6 +35,7 @@ from .losses import MDMLoss
 from .merge import ExpertBank
 from .models import DualEncoder
 from .students import validation_hook
+from .support import SupportProjection
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,39 @@ def _timer(timings: StepTimings, name: str):
     start = time.perf_counter()
     yield
     setattr(timings, name, getattr(timings, name) + time.perf_counter() - start)
+
+
+LR_SEARCH_DIR = "lr-search"
+
+
+def search_learning_rate(distiller: MDMDistiller) -> MDMConfig:
+    """The config with the best of ``config.lr_search`` (pixel learning rates; the text rate keeps its ratio to the
+    pixel rate): each candidate runs ``lr_search_steps`` iterations from the same start, with the same teacher
+    draws, and is scored once by the validation hook. Candidates' outputs go to ``output_dir/lr-search/``."""
+    cfg, hook = distiller.config, distiller.validation_fn
+    if hook is None:
+        raise ValueError(
+            "--lr_search needs the validation hook: set --eval_steps > 0 and a --validation_split."
+        )
+    ratio = cfg.lr_text / cfg.lr_pixels
+    scores = {}
+    for lr in cfg.lr_search:
+        trial = replace(
+            cfg, lr_pixels=lr, lr_text=lr * ratio, lr_search=None, max_steps=cfg.lr_search_steps,
+            eval_steps=cfg.lr_search_steps, eval_on_start=False, early_stopping_patience=None, save_steps=0,
+            output_dir=str(Path(cfg.output_dir) / LR_SEARCH_DIR / f"lr-{lr:g}"), overwrite_output_dir=True,
+            report_to="none",
+        )  # fmt: skip
+        run = MDMDistiller(
+            trial, hook, distiller.accelerator, teacher=distiller.teacher, expert_bank=distiller.expert_bank,
+            train_data=distiller.train_data, text_features=distiller.text_features, pixel_cache=distiller.pixel_cache,
+        )  # fmt: skip
+        run.distill()
+        scores[lr] = run.state.history[-1]["mean"]
+        logger.info("lr_search: lr_pixels=%g lr_text=%g -> validation mean %.2f", lr, lr * ratio, scores[lr])
+    best = max(scores, key=scores.get)
+    logger.info("lr_search: continuing with lr_pixels=%g, lr_text=%g (scores %s)", best, best * ratio, scores)
+    return replace(cfg, lr_pixels=best, lr_text=best * ratio)
 
 
 class MDMDistiller(SyntheticSetDistiller):
@@ -178,6 +213,11 @@ class MDMDistiller(SyntheticSetDistiller):
             self._draw_teacher(torch.Generator().manual_seed(cfg.seed))
             indices = self.select_initial_pairs()
         self.start_from(indices)
+        self.support = SupportProjection.build(
+            cfg.text_norm, cfg.pixel_range, self.syn_text.detach(), self.text_features,
+            self.teacher.image_mean, self.teacher.image_std,
+        )  # fmt: skip
+        self.support(self.syn_pixels, self.syn_text)  # a real start can sit outside the box by rounding
         self._build_optimizer()
         self._generator = torch.Generator().manual_seed(cfg.seed + 1)  # the loop's draws: teachers, batches
         return self.source_indices
@@ -244,6 +284,7 @@ class MDMDistiller(SyntheticSetDistiller):
             if not torch.isfinite(grad_norm):
                 self._fail_non_finite("gradient norm", out)
             self.optimizer.step()
+            self.support(self.syn_pixels, self.syn_text)  # projected step: stay where real data lives
         timings.total = time.perf_counter() - start
         logs = {
             "loss": out.loss.item(),
@@ -287,6 +328,21 @@ class MDMDistiller(SyntheticSetDistiller):
     # ================================================================== loop hooks
     progress_name = "MDM"
     config_file = "mdm_config.json"
+    output_files = (LR_SEARCH_DIR,)
+
+    def distill(self):
+        """The run (:meth:`SyntheticSetDistiller.distill`), after the learning-rate search when ``lr_search`` asks
+        for one."""
+        if self.config.lr_search and not self.config.resume_from_checkpoint:
+            self._prepare_output_dir()  # before the candidates write into it
+            self.setup()
+            self.config = search_learning_rate(self)
+        elif self.config.lr_search:
+            raise ValueError(
+                "--lr_search with --resume_from_checkpoint: resume with the learning rates the search chose "
+                f"(lr_pixels / lr_text in {self.config.output_dir}/{self.config_file}) instead of searching again."
+            )
+        return super().distill()
 
     def _before_loop(self) -> None:
         cfg = self.config

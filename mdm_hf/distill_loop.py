@@ -104,6 +104,7 @@ class SyntheticSetDistiller:
         self.text_features = text_features
         self.pixel_cache = pixel_cache
         self.is_set_up = False
+        self._output_ready = False
         self.state = DistillState()
         self.timings: list = []
 
@@ -355,7 +356,11 @@ class SyntheticSetDistiller:
         return path.name == self.progress_name.lower() and path.is_dir()  # accelerate tracker logs
 
     def _prepare_output_dir(self) -> None:
+        """Once per run (a subclass may prepare early, e.g. before a learning-rate search writes into it)."""
+        if self._output_ready:
+            return
         cfg = self.config
+        self._output_ready = True
         prepare_output_dir(
             cfg.output_dir, owned=self.owns_output, overwrite=cfg.overwrite_output_dir,
             resuming=bool(cfg.resume_from_checkpoint), accelerator=self.accelerator,
