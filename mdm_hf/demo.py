@@ -62,13 +62,13 @@ class DemoConfig:
     distill_steps: int = 200
     teacher_mode: str = "pooled"
     lr_pixels: float = 100.0
-    lr_text: float = 100.0
+    lr_text: float = 10.0  # MDMConfig's default (text keeps its norm; only its direction moves)
     eval_steps: int = 100
     # students
     student_steps: int = 100
     student_eval_steps: int = 10
     student_seeds: int = 2
-    methods: list[str] = field(default_factory=lambda: ["synthetic", "random", "kcenter"])
+    methods: list[str] = field(default_factory=lambda: ["synthetic", "kmeans", "random", "kcenter"])
     seed: int = 0
 
     @classmethod
