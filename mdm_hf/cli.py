@@ -201,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
     debug = len(rest) < len(argv) - 1 or os.environ.get("MDM_HF_DEBUG", "") not in ("", "0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # the package's own progress at INFO; third-party loggers (faiss' CPU-feature probing, ...) only from WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mdm_hf").setLevel(logging.INFO)
     try:
         return COMMANDS[command][0](rest)
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DatasetArguments, ModelArguments, check_values
+from ..config import DatasetArguments, ModelArguments, check_field_types, check_values
 from ..config import config_field as _f
 
 __all__ = ["METHODS", "METHOD_ALIASES", "PRESETS", "StudentConfig", "canonical_method", "check_methods"]
@@ -188,6 +188,7 @@ class StudentConfig(ModelArguments, DatasetArguments):
     progress: bool = _f(False, "Show the Trainer's progress bar.")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}.")
         for key, value in PRESETS[self.preset].items():
@@ -218,6 +219,10 @@ class StudentConfig(ModelArguments, DatasetArguments):
             "num_pairs": self.num_pairs is None or self.num_pairs > 0,
             "max_steps/num_train_epochs": self.max_steps > 0 or self.num_train_epochs > 0,
             "eval_steps/eval_epochs": (self.eval_steps or 0) > 0 or (self.eval_epochs or 0) > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "momentum": 0 <= self.momentum < 1,
+            "max_eval_images": self.max_eval_images is None or self.max_eval_images >= 1,
+            "max_cached_images": self.max_cached_images >= 0,
         }
         check_values(self, checks, choices)
         if self.save_students and not self.output_dir:
