@@ -263,3 +263,37 @@ TINY_BUILDERS = {
     "siglip": build_tiny_siglip,
     "dual_encoder": build_tiny_dual_encoder,
 }
+
+
+# ---------------------------------------------------------------------------------------------- the Hub, recorded
+def record_hub_calls(monkeypatch) -> dict[str, list]:
+    """Replace ``HfApi``'s network calls with recorders (tests): every ``create_repo`` / ``create_branch`` /
+    ``upload_folder`` call's arguments are appended to the returned lists, ``upload_folder`` also records the
+    ``files`` the folder held at upload time and returns a commit with a ``commit_url``."""
+    import huggingface_hub
+
+    calls: dict[str, list] = {"init": [], "create_repo": [], "create_branch": [], "upload_folder": []}
+    original_init = huggingface_hub.HfApi.__init__
+
+    def init(self, *args, **kwargs):
+        calls["init"].append(kwargs)
+        original_init(self, *args, **kwargs)
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
+        prefix = "datasets/" if kwargs.get("repo_type") == "dataset" else ""
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{prefix}{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        calls["create_branch"].append({"repo_id": repo_id, **kwargs})
+
+    def upload_folder(self, **kwargs):
+        root = Path(kwargs["folder_path"])
+        kwargs["files"] = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        calls["upload_folder"].append(kwargs)
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"})()
+
+    for name, fake in (("__init__", init), ("create_repo", create_repo), ("create_branch", create_branch),
+                       ("upload_folder", upload_folder)):  # fmt: skip
+        monkeypatch.setattr(huggingface_hub.HfApi, name, fake)
+    return calls

@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from mdm_hf import bank, hub, models
+from mdm_hf import bank, hub, models, testing
 
 FAKE_TOKEN = "hf_" + "y" * 34
 
@@ -137,30 +137,8 @@ def test_download_repo_returns_the_snapshot_path(monkeypatch, tmp_path):
 # ====================================================================== uploads
 @pytest.fixture
 def api_calls(monkeypatch):
-    calls: dict = {"init": [], "create_repo": [], "create_branch": [], "upload_folder": []}
-    original_init = huggingface_hub.HfApi.__init__
-
-    def init(self, *args, **kwargs):
-        calls["init"].append(kwargs)
-        original_init(self, *args, **kwargs)
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
-        prefix = "datasets/" if kwargs.get("repo_type") == "dataset" else ""
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{prefix}{repo_id}")
-
-    def create_branch(self, repo_id, **kwargs):
-        calls["create_branch"].append({"repo_id": repo_id, **kwargs})
-
-    def upload_folder(self, **kwargs):
-        calls["upload_folder"].append(kwargs)
-        return type("Commit", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"})()
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "__init__", init)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    return calls
+    """Record HfApi calls instead of talking to the Hub."""
+    return testing.record_hub_calls(monkeypatch)
 
 
 def test_upload_folder_checked_model_repo_on_a_branch(tmp_path, api_calls):

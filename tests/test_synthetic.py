@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import DatasetCard, ModelCardData
 from PIL import Image
 
-from mdm_hf import cards
+from mdm_hf import cards, testing
 from mdm_hf.hub import hub_license, size_category
 from mdm_hf.synthetic import (
     SyntheticSet,
@@ -104,33 +104,8 @@ def load_local(directory, tmp_path):
 
 @pytest.fixture
 def hub_calls(monkeypatch):
-    """Record HfApi calls instead of talking to the Hub; snapshot the folder content at upload time."""
-    calls: dict = {"init": [], "create_repo": [], "create_branch": [], "upload_folder": []}
-    original_init = huggingface_hub.HfApi.__init__
-
-    def init(self, *args, **kwargs):
-        calls["init"].append(kwargs)
-        original_init(self, *args, **kwargs)
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
-
-    def create_branch(self, repo_id, **kwargs):
-        calls["create_branch"].append({"repo_id": repo_id, **kwargs})
-
-    def upload_folder(self, **kwargs):
-        from pathlib import Path
-
-        root = Path(kwargs["folder_path"])
-        kwargs["files"] = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-        calls["upload_folder"].append(kwargs)
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "__init__", init)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    return calls
+    """Record HfApi calls instead of talking to the Hub."""
+    return testing.record_hub_calls(monkeypatch)
 
 
 # ====================================================================== disk round trips
