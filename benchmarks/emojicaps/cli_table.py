@@ -155,6 +155,23 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(tags: list[str], tag: str) -> int:
+    """One table from parts recorded in parallel (one process per core): budgets in order, commands kept."""
+    parts = [json.loads((RESULTS / f"emojicaps_cli{t}.json").read_text()) for t in tags]
+    budgets = sorted((b for p in parts for b in p["budgets"]), key=lambda b: b["k"])
+    result = {
+        **parts[0],
+        "command": " && ".join(p["command"] for p in parts),
+        "budgets": budgets,
+        "parts": tags,
+    }
+    text = render(result)
+    print(text)
+    (RESULTS / f"emojicaps_cli{tag}.json").write_text(json.dumps(result, indent=2, default=str))
+    (RESULTS / f"emojicaps_cli{tag}.md").write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", default="benchmarks/runs/emojicaps-cli")
@@ -162,8 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max_steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tag", default="", help="suffix of the result files (variants)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (variants, parallel parts)")
+    parser.add_argument(
+        "--no_full", action="store_true", help="skip the full-data students (another part has them)"
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=None, help="tags of recorded parts to merge into one table"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.tag)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
@@ -175,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     anchor = train_anchor(cfg, data, work / "anchor")
     bank = train_experts(cfg, data, anchor, work / "experts")
     setup = time.perf_counter() - start
-    budgets = [one_budget(k, anchor, data, bank, work, i == 0, args) for i, k in enumerate(args.budgets)]
+    budgets = [
+        one_budget(k, anchor, data, bank, work, i == 0 and not args.no_full, args)
+        for i, k in enumerate(args.budgets)
+    ]
     result = {
         "command": "python benchmarks/emojicaps/cli_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
