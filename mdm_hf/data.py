@@ -28,10 +28,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from huggingface_hub import DatasetCard
 from PIL import Image
 
 from .config import DatasetArguments
-from .hub import offline_hint
+from .hub import is_hub_id, is_hub_offline, offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -372,9 +373,25 @@ def load_image_caption_dataset(
     )
     return ImageCaptionSplit(
         dataset=ds, image_column=img_col, captions=captions, caption_to_image=torch.tensor(owners, dtype=torch.long),
-        name=name_or_path, split=split, fingerprint=fingerprint, license=getattr(info, "license", None) or None,
+        name=name_or_path, split=split, fingerprint=fingerprint,
+        license=getattr(info, "license", None) or card_license(name_or_path, revision),
         image_root=image_root, row_ids=row_ids,
     )  # fmt: skip
+
+
+def card_license(name_or_path: str, revision: str | None = None) -> str | list[str] | None:
+    """The licence in a dataset's card (README YAML ``license:``), where ``datasets`` leaves ``info.license``
+    empty: a local folder's README, or the Hub card when the Hub is reachable. None when there is none."""
+    try:
+        if os.path.isdir(name_or_path):
+            readme = Path(name_or_path) / "README.md"
+            return DatasetCard.load(readme).data.license if readme.is_file() else None
+        if is_hub_offline() or not is_hub_id(name_or_path):
+            return None
+        return DatasetCard.load(name_or_path, repo_type="dataset").data.license
+    except Exception as err:  # noqa: BLE001 - a missing or malformed card only means "licence unknown"
+        logger.info("No licence read from the card of %s (%s).", name_or_path, err)
+        return None
 
 
 def load_split(

@@ -270,9 +270,12 @@ def assert_token_absent(directory: str | os.PathLike, token: str, files: Sequenc
 
 
 # ====================================================================== card metadata
-def hub_license(value) -> tuple[str, str | None]:
-    """Source license -> (Hub license id, ``license_name`` for ``other``)."""
+def hub_license(value) -> tuple[str | list[str], str | None]:
+    """Source license -> (Hub license id, or ids for a source under several, ``license_name`` for ``other``)."""
     if isinstance(value, (list, tuple)):
+        ids = [re.sub(r"[\s_]+", "-", str(v).strip().lower()) for v in value]
+        if len(ids) > 1 and all(i in HUB_LICENSES for i in ids):
+            return ids, None
         value = value[0] if len(value) == 1 else ", ".join(map(str, value))
     if not value or not str(value).strip():
         return "unknown", None

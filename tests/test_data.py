@@ -535,3 +535,16 @@ def test_karpathy_records_with_image_paths_resolve_against_image_root(tmp_path):
         got = load_split(config)
         assert (got.num_images, got.captions) == (3, split.captions[:6]), cls.__name__
         assert load_split(config, "test").num_images == 1
+
+
+def test_a_licence_only_in_the_card_is_carried(tmp_path):
+    """datasets leaves info.license empty when the licence is in the README YAML: it is read from the card."""
+    buf = io.BytesIO()
+    testing.toy_image("red", "square", 8).save(buf, format="PNG")
+    path = write_parquet_dataset(
+        tmp_path, {"image": [{"bytes": buf.getvalue(), "path": None}], "caption": ["a red square"]},
+        {"image": datasets.Image(), "caption": datasets.Value("string")},
+    )  # fmt: skip
+    assert load_image_caption_dataset(path, "train").license is None  # no card: unknown, not invented
+    (Path(path) / "README.md").write_text("---\nlicense: cc-by-sa-4.0\n---\n# data\n")
+    assert load_image_caption_dataset(path, "train").license == "cc-by-sa-4.0"
