@@ -290,3 +290,16 @@ def size_category(n: int) -> str:
     """The Hub's ``size_categories`` bucket of a dataset with ``n`` rows."""
     bounds = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M")]
     return next((label for bound, label in bounds if n < bound), "1M<n<10M")
+
+
+def redact_local_paths(obj):
+    """``obj`` (nested dicts / lists) with every absolute local path replaced by its last component: what is
+    published (cards, metadata) names local sources by folder name -- their fingerprints identify them -- and never
+    shows a home directory. Hub ids and relative names are kept."""
+    if isinstance(obj, dict):
+        return {k: redact_local_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_local_paths(v) for v in obj]
+    if isinstance(obj, str) and (os.path.isabs(obj) or obj.startswith("~")) and not is_hub_id(obj):
+        return os.path.basename(obj.rstrip("/\\")) or obj
+    return obj

@@ -42,6 +42,7 @@ from .hub import (
     check_repo_id,
     download_repo,
     is_hub_id,
+    redact_local_paths,
     scrub_tokens,
     upload_folder_checked,
 )
@@ -334,8 +335,9 @@ class SyntheticSet:
         )
 
     def full_provenance(self) -> dict:
-        """JSON-safe provenance with ``created_with`` and library versions filled in when missing; no token keys."""
-        prov = dict(scrub_tokens(self.provenance or {}))
+        """JSON-safe provenance with ``created_with`` and library versions filled in when missing; no token keys
+        and no absolute local paths (a local source appears by folder name; its fingerprint identifies it)."""
+        prov = dict(redact_local_paths(scrub_tokens(self.provenance or {})))
         prov.setdefault("created_with", f"mdm-hf {__version__}")
         versions = dict(prov.get("versions") or {})
         versions.setdefault("mdm_hf", __version__)

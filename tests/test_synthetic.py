@@ -442,3 +442,16 @@ def test_two_sets_in_folders_of_the_same_name_load_as_themselves(tmp_path):
     b = datasets.load_dataset(str(tmp_path / "b" / "synthetic"), cache_dir=cache)["train"]
     assert (len(a), len(b)) == (3, 4)
     assert torch.equal(torch.tensor(b["text_features"]), second.text_features)
+
+
+def test_no_local_path_reaches_a_published_file(tmp_path):
+    """Cards and metadata name local sources by folder name (with their fingerprint), never a home directory."""
+    home = "/home/someone/.cache/mdm_hf"
+    s = make_set(teacher=f"{home}/anchor", source_dataset=f"{home}/emojicaps-48px", source_fingerprint="abc123",
+                 config={"output_dir": str(tmp_path / "run"), "expert_bank": "user/bank", "cache_dir": "~/c"})  # fmt: skip
+    out = tmp_path / "published"
+    s.save_pretrained(out)
+    for name in ("README.md", "mdm_synthetic.json"):
+        text = (out / name).read_text()
+        assert "/home/someone" not in text and str(tmp_path) not in text and "~/c" not in text, name
+        assert "emojicaps-48px" in text and "user/bank" in text, name  # names and Hub ids stay
