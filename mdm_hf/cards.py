@@ -72,8 +72,10 @@ _CITATIONS = {
 }
 
 SYNTHETIC_TEMPLATE = "synthetic_dataset_card"
-SYNTHETIC_TAGS = ["dataset-distillation", "mdm", "synthetic", "vision-language"]
-SYNTHETIC_TASK_CATEGORIES = ["image-to-text", "text-to-image", "feature-extraction"]
+SYNTHETIC_TAGS = ["dataset-distillation", "mdm", "synthetic", "vision-language", "image-text-retrieval"]
+# Retrieval data: the Hub has no retrieval task category for images, so the tasks a student trained on the set
+# serves (image/text embeddings, captions); not text-to-image, which is generation.
+SYNTHETIC_TASK_CATEGORIES = ["image-feature-extraction", "feature-extraction", "image-to-text"]
 BANK_TEMPLATE = "expert_bank_card"
 EMOJICAPS_TEMPLATE = "emojicaps_card"
 
@@ -332,7 +334,7 @@ def emojicaps_card(card_vars: dict, num_images: int) -> DatasetCard:
         multilinguality="monolingual",
         source_datasets=["original"],
         size_categories=size_category(num_images),
-        task_categories=["image-to-text", "text-to-image", "zero-shot-image-classification"],
+        task_categories=["image-feature-extraction", "image-to-text", "zero-shot-image-classification"],
         tags=[
             "emoji",
             "image-text-retrieval",

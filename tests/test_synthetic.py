@@ -246,7 +246,8 @@ def test_card_metadata_and_body(tmp_path):
     assert {"dataset-distillation", "mdm", "synthetic", "vision-language"} <= set(data.tags)
     assert data.size_categories == ["n<1K"]
     assert data.source_datasets == ["nlphuji/flickr30k"]
-    assert set(data.task_categories) == {"image-to-text", "text-to-image", "feature-extraction"}
+    assert set(data.task_categories) == {"image-feature-extraction", "feature-extraction", "image-to-text"}
+    assert "text-to-image" not in data.task_categories  # generation, not what this data is for
     shards = f"data/train-{s.content_fingerprint()}-*.parquet"  # content-named: see the same-name test
     assert data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": shards}]}]
     assert "MDM" in data.pretty_name
