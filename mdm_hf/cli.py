@@ -181,6 +181,27 @@ COMMANDS = {
 }
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _global_flags(args: list[str]) -> tuple[list[str], dict]:
+    """Split the flags every command takes (``--debug``, ``--log_level LEVEL``) from the command's own."""
+    rest, flags, i = [], {"debug": False, "log_level": "info"}, 0
+    while i < len(args):
+        if args[i] == "--debug":
+            flags["debug"] = True
+        elif args[i].startswith("--log_level"):
+            value = args[i].split("=", 1)[1] if "=" in args[i] else (args[i + 1] if i + 1 < len(args) else "")
+            i += "=" not in args[i]
+            if value.lower() not in LOG_LEVELS:
+                raise SystemExit(f"mdm-hf: --log_level must be one of {LOG_LEVELS}, got {value!r}.")
+            flags["log_level"] = value.lower()
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, flags
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mdm-hf`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -199,11 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage()
         print(f"mdm-hf: unknown command '{argv[0]}'. Choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    command, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
-    debug = len(rest) < len(argv) - 1 or os.environ.get("MDM_HF_DEBUG", "") not in ("", "0")
-    # the package's own progress at INFO; third-party loggers (faiss' CPU-feature probing, ...) only from WARNING
+    command, rest, global_flags = argv[0], *_global_flags(argv[1:])
+    debug = global_flags["debug"] or os.environ.get("MDM_HF_DEBUG", "") not in ("", "0")
+    # the package's own progress at --log_level (INFO); third-party loggers (faiss' CPU probing, ...) from WARNING
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mdm_hf").setLevel(logging.INFO)
+    logging.getLogger("mdm_hf").setLevel(global_flags["log_level"].upper())
     try:
         return COMMANDS[command][0](rest)
     except KeyboardInterrupt:

@@ -130,7 +130,8 @@ class SyntheticSetDistiller:
         """After the last checkpoint (MDM: close trackers; TM: LoRS' extras)."""
 
     def _log(self, logs: dict, step: int) -> None:
-        logger.info("%s step %d: %s", self.progress_name, step, logs)
+        shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items()}
+        logger.info("%s step %d: %s", self.progress_name, step, shown)
 
     def _checkpoint_extras(self) -> dict[str, torch.Tensor]:
         """Tensors besides the synthetic set that a checkpoint must hold (TM: step sizes, similarity)."""

@@ -197,3 +197,13 @@ def test_distill_without_a_validation_split_says_so(tiny_clip_dir, tmp_path, cap
     assert main(_distill_argv(tiny_clip_dir, str(data), tmp_path / "b", "--eval_steps", "5",
                               "--validation_split", "none")) == 0  # fmt: skip
     assert "No validation" not in caplog.text
+
+
+def test_log_level_and_debug_are_global_flags(capsys):
+    from mdm_hf.cli import _global_flags
+
+    rest, flags = _global_flags(["--num_pairs", "5", "--log_level", "WARNING", "--debug", "--seed=1"])
+    assert rest == ["--num_pairs", "5", "--seed=1"] and flags == {"debug": True, "log_level": "warning"}
+    assert _global_flags(["--log_level=debug"])[1]["log_level"] == "debug"
+    with pytest.raises(SystemExit, match="--log_level must be one of"):
+        _global_flags(["--log_level", "loud"])
