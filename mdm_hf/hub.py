@@ -15,7 +15,6 @@ imports nothing of the package, so every other module may import it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -161,12 +160,18 @@ def download_repo(
 
 
 # ====================================================================== uploads
-@dataclasses.dataclass(frozen=True)
-class HubUpload:
-    """Where an upload landed: the repo page (``/tree/<revision>`` for a branch) and the commit, when known."""
+class HubUpload(str):
+    """Where an upload landed: the repo page (``/tree/<revision>`` for a branch) -- the string itself, as
+    ``huggingface_hub.CommitInfo`` is a string -- with the commit's ``commit_url`` and ``pr_url`` (``create_pr``)."""
 
-    url: str
-    commit_url: str | None = None
+    def __new__(cls, url: str, commit_url: str | None = None, pr_url: str | None = None) -> HubUpload:
+        upload = super().__new__(cls, url)
+        upload.commit_url, upload.pr_url = commit_url, pr_url
+        return upload
+
+    @property
+    def url(self) -> str:
+        return str(self)
 
 
 def upload_folder_checked(
@@ -179,6 +184,8 @@ def upload_folder_checked(
     private: bool | None = None,
     revision: str | None = None,
     ignore_patterns: Sequence[str] | None = None,
+    delete_patterns: Sequence[str] | None = None,
+    create_pr: bool = False,
     token_free: Sequence[str] = (),
     what: str = "the folder",
     resume_hint: str | None = None,
@@ -191,6 +198,9 @@ def upload_folder_checked(
     to ``folder``, e.g. the card and the metadata) are checked not to contain it.
 
     Args:
+        delete_patterns: remote files matching these are deleted in the same commit unless re-uploaded (a set
+            saved with fewer or renamed shards leaves no stale shard that the card's ``data_files`` would match).
+        create_pr: open a pull request with the commit instead of committing to the branch.
         what: names the upload in messages ("the synthetic set").
         resume_hint: a second way to retry, appended to the message after the ``hf upload`` command.
         error: the :class:`HubUploadError` subclass raised on failure.
@@ -222,6 +232,8 @@ def upload_folder_checked(
             revision=revision,
             commit_message=commit_message,
             ignore_patterns=list(ignore_patterns) if ignore_patterns is not None else None,
+            delete_patterns=list(delete_patterns) if delete_patterns is not None else None,
+            create_pr=create_pr,
         )
     except Exception as err:  # any failure: keep the local copy and say how to resume
         where = dict(repo_id=repo_id, repo_type=repo_type, revision=revision, local=local, url=url)
@@ -230,8 +242,8 @@ def upload_folder_checked(
         url = str(repo_url).rstrip("/")
     if branch:
         url = f"{url}/tree/{revision}"
-    commit_url = getattr(commit, "commit_url", None)
-    return HubUpload(url=url, commit_url=str(commit_url) if commit_url else None)
+    commit_url, pr_url = getattr(commit, "commit_url", None), getattr(commit, "pr_url", None)
+    return HubUpload(url, str(commit_url) if commit_url else None, str(pr_url) if pr_url else None)
 
 
 def _upload_failure(err, token, what, resume_hint, *, repo_id, repo_type, revision, local, url) -> str:

@@ -23,7 +23,8 @@ import json
 import logging
 import math
 import os
-import time
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from PIL import Image
 
 from . import __version__
 from .cards import synthetic_dataset_card
-from .data import default_cache_dir
 from .hub import (
+    HubUpload,
     HubUploadError,
     OfflineHubError,
     check_repo_id,
@@ -470,26 +471,29 @@ class SyntheticSet:
         commit_message: str | None = None,
         local_dir: str | os.PathLike | None = None,
         max_shard_size: int | str = "500MB",
-    ) -> str:
-        """Save the Hub layout locally, then upload it as the dataset repo ``repo_id``; returns the repo URL.
+        create_pr: bool = False,
+    ) -> HubUpload:
+        """Save the Hub layout locally, then upload it as the dataset repo ``repo_id``, like ``Dataset.push_to_hub``.
 
-        The local copy is written first (``local_dir``, default ``$MDM_HF_HOME/hub_uploads/<namespace>--<name>-
-        <time>``, logged), so a failed upload loses nothing. ``local_dir`` may hold an earlier save of a synthetic
-        set (it is rewritten) or be empty. The token is passed to ``HfApi`` only: it is never logged or written.
+        The local copy is written first (``local_dir``; by default a temporary folder that is removed after a
+        successful upload and kept, and named, after a failed one), so a failed upload loses nothing. Shards of an
+        earlier push that this one does not re-upload are deleted in the same commit. The token is passed to
+        ``HfApi`` only: it is never logged or written.
+
+        Returns:
+            the repo URL (a ``str``), with ``.commit_url`` and, for ``create_pr=True``, ``.pr_url``.
 
         Raises:
             ValueError: ``repo_id`` is not ``"namespace/name"`` (checked before anything else).
             SyntheticSetUploadError: the upload failed; the message names the local copy and how to retry.
         """
         check_repo_id(repo_id)
-        if local_dir is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            local = default_cache_dir() / "hub_uploads" / f"{repo_id.replace('/', '--')}-{stamp}"
-            logger.warning("Writing the local copy of the synthetic set to %s before uploading.", local)
-        else:
-            local = Path(local_dir)
+        temporary = local_dir is None
+        local = Path(tempfile.mkdtemp(prefix="mdm-hf-upload-")) if temporary else Path(local_dir)
         previous_save = local.is_dir() and (local / METADATA_FILE).is_file()
-        self._save(local, overwrite=previous_save, max_shard_size=max_shard_size, repo_id=repo_id)
+        self._save(
+            local, overwrite=previous_save or temporary, max_shard_size=max_shard_size, repo_id=repo_id
+        )
         upload = upload_folder_checked(
             local,
             repo_id,
@@ -498,11 +502,15 @@ class SyntheticSet:
             token=token,
             private=private,
             revision=revision,
+            delete_patterns=[f"{DATA_DIR}/*.parquet"],
+            create_pr=create_pr,
             token_free=(CARD_FILE, METADATA_FILE),
             what="the synthetic set",
             resume_hint=f"SyntheticSet.from_pretrained({str(local)!r}).push_to_hub({repo_id!r}, "
             f"local_dir={str(local)!r})",
             error=SyntheticSetUploadError,
         )
+        if temporary:
+            shutil.rmtree(local, ignore_errors=True)
         logger.info("Uploaded %d synthetic pairs to %s", len(self), upload.url)
-        return upload.url
+        return upload

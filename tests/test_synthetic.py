@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import datasets
 import huggingface_hub
@@ -340,15 +341,18 @@ def test_push_to_hub_uploads_the_layout_and_never_leaks_the_token(tmp_path, hub_
     assert hub_calls["create_repo"][-1]["private"] is None
 
 
-def test_push_to_hub_default_local_copy_is_logged(tmp_path, hub_calls, caplog, monkeypatch):
+def test_push_leaves_no_copy_behind_and_deletes_stale_shards(tmp_path, hub_calls, monkeypatch):
+    """Without local_dir the local copy is temporary (no timestamped folder under the package's home on every
+    push); every push deletes the remote shards it does not re-upload, and returns the repo URL with the commit."""
     monkeypatch.setenv("MDM_HF_HOME", str(tmp_path / "home"))
-    caplog.set_level(logging.INFO)
-    make_set().push_to_hub("me/x")
-    (upload,) = hub_calls["upload_folder"]
-    folder = upload["folder_path"]
-    assert folder.startswith(str(tmp_path / "home" / "hub_uploads" / "me--x"))
-    assert folder in caplog.text
-    assert len(SyntheticSet.from_pretrained(folder)) == K
+    first = make_set().push_to_hub("me/x")
+    second = make_set(k=3).push_to_hub("me/x", create_pr=True, commit_message="smaller")
+    uploads = hub_calls["upload_folder"]
+    assert [u["delete_patterns"] for u in uploads] == [["data/*.parquet"]] * 2  # stale shards go
+    assert uploads[1]["create_pr"] is True and uploads[1]["commit_message"] == "smaller"
+    assert not any(Path(u["folder_path"]).exists() for u in uploads)
+    assert not (tmp_path / "home" / "hub_uploads").exists()
+    assert first == "https://huggingface.co/datasets/me/x" and second.commit_url.endswith("/commit/abc")
 
 
 @pytest.mark.parametrize("bad", ["noslash", "a/b/c", "", "/name", "ns/", "ns/na me", "ns/a--b"])
