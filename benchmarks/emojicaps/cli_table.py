@@ -108,6 +108,42 @@ def one_budget(k: int, anchor: Path, data: Path, bank: Path, work: Path, with_fu
     }  # fmt: skip
 
 
+def _birth(path: Path) -> float:
+    """Creation time of a file or folder (``stat %W``; Python's ``os.stat`` has no birth time on Linux)."""
+    return float(subprocess.run(["stat", "-c", "%W", str(path)], capture_output=True, text=True).stdout)
+
+
+def collect_budget(k: int, anchor: Path, data: Path, bank: Path, work: Path, with_full: bool, args) -> dict:
+    """The record of a budget whose two commands already ran (an interrupted table): the same fields, the wall
+    times read from file creation times (distill: output folder -> final checkpoint; evaluate: its log -> its
+    comparison.json)."""
+    out = work / f"mdm-{k}"
+    methods = ["synthetic", *CORESETS, *(["full"] if with_full else [])]
+    state = json.loads((out / f"checkpoint-{args.max_steps}" / "trainer_state.json").read_text())
+    comparison_file = out / "students" / "comparison.json"
+    comparison = Comparison.from_dict(json.loads(comparison_file.read_text()))
+    synthetic = SyntheticSet.from_pretrained(out / "synthetic")
+    return {
+        "k": k,
+        "distill_command": shlex.join(distill_command(anchor, data, bank, k, out, args)),
+        "evaluate_command": shlex.join(
+            evaluate_command(anchor, data, out / "synthetic", methods, out / "students", args)
+        ),
+        "distill_wall_seconds": _birth(out / f"checkpoint-{args.max_steps}") - _birth(out),
+        "evaluate_wall_seconds": comparison_file.stat().st_mtime - _birth(work / f"evaluate-{k}.log"),
+        "wall_from_file_times": True,
+        "distill_iteration_seconds": state["distill_seconds"], "iterations": state["step"],
+        "best_step": state["best_step"], "validation_history": state["history"],
+        "results": {
+            row.method: {"label": row.label, "mean": row.means["mean"], "std": row.stds.get("mean"),
+                         "means": row.means, "stds": row.stds, "seeds": row.seeds}
+            for row in comparison.rows
+        },
+        "protocol": comparison.protocol,
+        "drift": drift(synthetic, DualEncoder.from_pretrained(str(anchor)), data, args.cache_dir),
+    }  # fmt: skip
+
+
 def _cell(row: dict | None) -> str:
     return "–" if row is None else f"{row['mean']:.2f} ± {row['std'] or 0:.2f}"
 
