@@ -50,7 +50,11 @@ from .training import (
 logger = logging.getLogger(__name__)
 
 # Leaf names of the attention projections LoRA targets by default. peft ships no defaults for CLIP / SigLIP.
-ATTENTION_LEAVES = (("q_proj", "k_proj", "v_proj", "out_proj"), ("query", "key", "value"))
+ATTENTION_LEAVES = (
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # CLIP, SigLIP
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # ViT and other towers in transformers 5
+    ("query", "key", "value"),  # ViT / BERT-style towers in transformers 4
+)
 PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip": ["text_model.head"]}
 
 
@@ -91,7 +95,8 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
     target_modules: list[str] | None = _f(
         None,
         "Leaf names of vision-tower Linear layers that get LoRA (scoped to vision_model encoder layers). None: the "
-        "attention projections (q_proj k_proj v_proj out_proj for CLIP/SigLIP; query key value for ViT). Add "
+        "attention projections (q_proj k_proj v_proj out_proj for CLIP/SigLIP; q_proj k_proj v_proj o_proj for ViT in "
+        "transformers 5; query key value before). Add "
         "fc1 fc2 for the MLPs.",
     )
     modules_to_save: list[str] | None = _f(

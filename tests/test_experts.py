@@ -436,3 +436,27 @@ def test_anchor_pretraining_gives_a_loadable_checkpoint_with_lower_loss(tiny_dat
     assert len(result.epoch_losses) == 6 and all(v is not None for v in result.validation)
     record = json.loads((result.output_dir / "anchor_training.json").read_text())
     assert record["fixed_batch_loss"]["final"] == pytest.approx(result.final_loss)
+
+
+def test_default_lora_targets_of_a_vit_bert_dual_encoder():
+    """VisionTextDualEncoderModel with a ViT tower: transformers 5 names its attention q/k/v/o_proj."""
+    import re
+
+    from transformers import BertConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel, ViTConfig
+
+    vit = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+                    patch_size=8)  # fmt: skip
+    bert = BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50
+    )
+    model = VisionTextDualEncoderModel(
+        VisionTextDualEncoderConfig.from_vision_text_configs(vit, bert, projection_dim=8)
+    )
+    regex = lora_target_regex(model)
+    hits = sorted(n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if re.fullmatch(regex, n))
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith("vision_model.encoder")}
+    expected = sorted(
+        set(leaves) & {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query", "key", "value"}
+    )
+    assert hits and hits == expected
+    assert not any(n.startswith("text_model") for n, _ in model.named_modules() if re.fullmatch(regex, n))
