@@ -454,9 +454,5 @@ def test_default_lora_targets_of_a_vit_bert_dual_encoder():
     )
     regex = lora_target_regex(model)
     hits = sorted(n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if re.fullmatch(regex, n))
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith("vision_model.encoder")}
-    expected = sorted(
-        set(leaves) & {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query", "key", "value"}
-    )
-    assert hits and hits == expected
+    assert hits == ["k_proj", "o_proj", "q_proj", "v_proj"]  # the ViT attention of its one layer
     assert not any(n.startswith("text_model") for n, _ in model.named_modules() if re.fullmatch(regex, n))
