@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--merge", nargs="+", default=None, help="tags of recorded parts to merge into one table"
     )
+    parser.add_argument("--collect", action="store_true", help="record budgets whose commands already ran")
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.tag)
@@ -236,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     anchor = train_anchor(cfg, data, work / "anchor")
     bank = train_experts(cfg, data, anchor, work / "experts")
     setup = time.perf_counter() - start
+    budget_fn = collect_budget if args.collect else one_budget
     budgets = [
-        one_budget(k, anchor, data, bank, work, i == 0 and not args.no_full, args)
+        budget_fn(k, anchor, data, bank, work, i == 0 and not args.no_full, args)
         for i, k in enumerate(args.budgets)
     ]
     result = {
