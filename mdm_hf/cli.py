@@ -38,7 +38,8 @@ from .distill import MDMDistiller
 from .emojicaps import build_emojicaps, default_emojicaps_dir
 from .experts import ExpertTrainingConfig, train_expert_bank
 from .models import DualEncoder
-from .students import StudentConfig, compare_methods, evaluate_student, format_results_table
+from .students import StudentConfig, card_results, compare_methods, evaluate_student, format_results_table
+from .synthetic import SyntheticSet
 
 
 def distill_main(argv: Sequence[str]) -> int:
@@ -91,6 +92,13 @@ def evaluate_main(argv: Sequence[str]) -> int:
     print(f"\nProtocol: {result.protocol}")
     if config.output_dir:
         print(f"Results written to {os.path.abspath(config.output_dir)}")
+    if (
+        config.update_card
+    ):  # the set's card and metadata now carry the table (a local folder, checked at parse time)
+        synthetic = SyntheticSet.from_pretrained(config.synthetic)
+        synthetic.results = card_results(result)
+        synthetic.save_pretrained(config.synthetic, overwrite=True)
+        print(f"Results written into the card of {config.synthetic}")
     return 0
 
 

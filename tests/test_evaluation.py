@@ -406,6 +406,9 @@ def test_compare_methods_prints_one_table_from_the_recipe(
         assert label in printed, printed
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["MDM", "Random", "Herding", "K-Center", "Full train set"]
+    assert (
+        "No evaluation results were recorded" in (synthetic_dir / "README.md").read_text()
+    )  # not asked to update
     assert list(saved["runs"]) == ["synthetic", "random", "herding", "kcenter", "full"]
     assert all(len(saved["runs"][m]) == 1 for m in ("synthetic", "random", "herding", "kcenter", "full"))
     assert list(saved) == ["protocol", "metric_names", "rows", "notes", "runs", "config", "environment"]
@@ -576,3 +579,29 @@ def test_the_old_import_paths_still_work():
     assert hasattr(students, "__path__")  # a package, no longer the students.py module
     with pytest.warns(DeprecationWarning, match="FeaturePairDataset"):
         assert evaluation.PairDataset is student_trainer.FeaturePairDataset
+
+
+def test_evaluate_update_card_writes_the_results_into_the_set(
+    clip_evaluator, tiny_clip_dir, tiny_dataset_dir, tmp_path
+):
+    from mdm_hf.cli import evaluate_main
+    from mdm_hf.synthetic import SyntheticSet
+
+    synthetic_dir = tmp_path / "synthetic"
+    real_pairs_as_synthetic(clip_evaluator, method="MDM").save_pretrained(synthetic_dir)
+    argv = ["--config", str(REPO / "recipes" / "configs" / "evaluate_tiny.yaml"), "--model_name_or_path", tiny_clip_dir,
+            "--dataset_name", tiny_dataset_dir, "--synthetic", str(synthetic_dir), "--methods", "synthetic", "random",
+            "--cache_dir", str(tmp_path / "cache"), "--update_card", "true"]  # fmt: skip
+    assert evaluate_main(argv) == 0
+    card = (synthetic_dir / "README.md").read_text()
+    assert (
+        "| MDM | 8 |" in card
+        and "| Random | 8 |" in card
+        and "No evaluation results were recorded" not in card
+    )
+    assert [r["method"] for r in SyntheticSet.from_pretrained(synthetic_dir).results["rows"]] == [
+        "MDM",
+        "Random",
+    ]
+    with pytest.raises(ValueError, match="--update_card needs --synthetic to be a local folder"):
+        evaluate_main([*argv[:-4], "--synthetic", "user/remote-set", "--update_card", "true"])

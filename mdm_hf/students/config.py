@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ class StudentConfig(ModelArguments, DatasetArguments):
         None, "Synthetic set to evaluate (dir or Hub id of a SyntheticSet), method 'synthetic'."
     )
     synthetic_revision: str | None = _f(None, "Revision of the synthetic set on the Hub.")
+    update_card: bool = _f(
+        False,
+        "Write the results into the local synthetic set's card and metadata (--synthetic must be a local folder "
+        "saved by mdm-hf); push it with SyntheticSet.push_to_hub or `mdm-hf distill --push_to_hub`.",
+    )
     method: str = _f(
         "synthetic",
         "Training data: synthetic (the distilled set; 'mdm' is a deprecated alias) | random | herding | kcenter | "
@@ -225,6 +231,10 @@ class StudentConfig(ModelArguments, DatasetArguments):
             "max_cached_images": self.max_cached_images >= 0,
         }
         check_values(self, checks, choices)
+        if self.update_card and not (self.synthetic and os.path.isdir(self.synthetic)):
+            raise ValueError(
+                "--update_card needs --synthetic to be a local folder holding the synthetic set."
+            )
         if self.save_students and not self.output_dir:
             raise ValueError("save_students=True needs an output_dir to save the students in.")
         own_towers = self.vision_model_name_or_path in (None, self.model_name_or_path)
