@@ -45,6 +45,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+def _from_preset(key: str, help: str):  # noqa: A002 - mirrors config_field
+    """A field left at None that its preset fills; ``--help`` shows what each preset gives it."""
+    shown = "; ".join(f"{name}: {values[key]}" for name, values in PRESETS.items())
+    return _f(None, f"{help} Default from --preset ({shown}).")
+
+
 def canonical_method(method: str) -> str:
     """``method`` with a deprecated alias (``"mdm"``) replaced by its name (``"synthetic"``), with a warning."""
     if method in METHOD_ALIASES:
@@ -150,27 +156,35 @@ class StudentConfig(ModelArguments, DatasetArguments):
         None, "Shared embedding size (default: teacher's, or the image feature size)."
     )
     temperature: float = _f(0.07, "Initial InfoNCE temperature tau (logit scale 1/tau).")
-    learn_temperature: bool | None = _f(None, "Train the temperature (preset: small yes, paper no).")
+    learn_temperature: bool | None = _from_preset(
+        "learn_temperature", "Train the temperature (preset: small yes, paper no)."
+    )
 
     # ---- optimisation (None: from the preset)
     preset: str = _f(
         "paper", "paper (docs/method.md §5) | small (EmojiCaps on 2 CPU cores, docs/benchmarks.md)."
     )
-    optimizer: str | None = _f(None, "sgd | adamw | adam.")
-    learning_rate: float | None = _f(None, "Learning rate.")
-    momentum: float | None = _f(None, "SGD momentum.")
-    weight_decay: float | None = _f(None, "Weight decay (not applied to the temperature).")
-    lr_scheduler: str | None = _f(
-        None, "constant | step (x lr_decay_factor after each lr_decay_epochs) | cosine."
+    optimizer: str | None = _from_preset("optimizer", "sgd | adamw | adam.")
+    learning_rate: float | None = _from_preset("learning_rate", "Learning rate.")
+    momentum: float | None = _from_preset("momentum", "SGD momentum.")
+    weight_decay: float | None = _from_preset(
+        "weight_decay", "Weight decay (not applied to the temperature)."
     )
-    lr_decay_epochs: list[float] | None = _f(
-        None, "Epochs after which the lr is multiplied by lr_decay_factor."
+    lr_scheduler: str | None = _from_preset(
+        "lr_scheduler", "constant | step (x lr_decay_factor after each lr_decay_epochs) | cosine."
+    )
+    lr_decay_epochs: list[float] | None = _from_preset(
+        "lr_decay_epochs", "Epochs after which the lr is multiplied by lr_decay_factor."
     )
     lr_decay_factor: float = _f(0.1, "Step-schedule factor.")
-    num_train_epochs: float | None = _f(None, "Epochs (used when max_steps <= 0).")
-    max_steps: int | None = _f(None, "Training steps (> 0 overrides num_train_epochs).")
-    full_max_steps: int | None = _f(None, "Training steps for method 'full' (<= 0: same as the others).")
-    batch_size: int | None = _f(None, "Training batch size (capped at the number of pairs).")
+    num_train_epochs: float | None = _from_preset("num_train_epochs", "Epochs (used when max_steps <= 0).")
+    max_steps: int | None = _from_preset("max_steps", "Training steps (> 0 overrides num_train_epochs).")
+    full_max_steps: int | None = _from_preset(
+        "full_max_steps", "Training steps for method 'full' (<= 0: same as the others)."
+    )
+    batch_size: int | None = _from_preset(
+        "batch_size", "Training batch size (capped at the number of pairs)."
+    )
     max_grad_norm: float = _f(0.0, "Gradient clipping (0: none, as in the paper).")
     augment: str = _f(
         "color_crop_cutout_flip_scale_rotate", "DSA ops joined by '_' (mdm_hf.augment), or 'none'."
@@ -178,8 +192,10 @@ class StudentConfig(ModelArguments, DatasetArguments):
     augment_mode: str = _f("single", "single: one op per batch (DSA default) | all: every op.")
 
     # ---- selection and reporting
-    eval_steps: int | None = _f(None, "Score validation every N steps (and at step 0).")
-    eval_epochs: float | None = _f(None, "Score validation every N epochs (used when eval_steps is None).")
+    eval_steps: int | None = _from_preset("eval_steps", "Score validation every N steps (and at step 0).")
+    eval_epochs: float | None = _from_preset(
+        "eval_epochs", "Score validation every N epochs (used when eval_steps is None)."
+    )
     early_stopping_patience: int | None = _f(None, "Stop after N validation scores without improvement.")
     eval_batch_size: int = _f(256, "Images per forward pass when scoring.")
     seed: int = _f(0, "First seed; students use seed, seed+1, ...")
