@@ -169,6 +169,7 @@ def test_distill_command_returns_the_start_when_distilling_only_hurts(
     import json
 
     import torch
+    from safetensors.torch import load_file
 
     from mdm_hf.synthetic import SyntheticSet
 
@@ -183,7 +184,13 @@ def test_distill_command_returns_the_start_when_distilling_only_hurts(
     assert state["best_step"] == 0
     synthetic = SyntheticSet.from_pretrained(out / "synthetic")
     assert synthetic.provenance["best_step"] == 0
-    assert not torch.equal(synthetic.pixel_values, synthetic.pixel_values * 0)  # the real start, not a wreck
+    tensors = load_file(str(out / "checkpoint-20" / "synthetic.safetensors"))
+    assert torch.equal(
+        synthetic.pixel_values, tensors["best_pixel_values"]
+    )  # the set returned is the start ...
+    assert not torch.equal(
+        tensors["best_pixel_values"], tensors["pixel_values"]
+    )  # ... not the wrecked last state
 
 
 def test_distill_without_a_validation_split_says_so(tiny_clip_dir, tmp_path, caplog):

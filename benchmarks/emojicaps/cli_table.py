@@ -85,17 +85,36 @@ def drift(synthetic: SyntheticSet, teacher: DualEncoder, data: Path, cache_dir: 
 def one_budget(k: int, anchor: Path, data: Path, bank: Path, work: Path, with_full: bool, args) -> dict:
     """Distill K pairs and score them against the coresets (and, once, full data) with the command line."""
     out = work / f"mdm-{k}"
-    distill_argv = distill_command(anchor, data, bank, k, out, args)
-    seconds = run_command(distill_argv, work / f"distill-{k}.log")
-    state = json.loads((out / f"checkpoint-{args.max_steps}" / "trainer_state.json").read_text())
     methods = ["synthetic", *CORESETS, *(["full"] if with_full else [])]
+    distill_seconds = run_command(
+        distill_command(anchor, data, bank, k, out, args), work / f"distill-{k}.log"
+    )
     evaluate_argv = evaluate_command(anchor, data, out / "synthetic", methods, out / "students", args)
-    eval_seconds = run_command(evaluate_argv, work / f"evaluate-{k}.log")
+    evaluate_seconds = run_command(evaluate_argv, work / f"evaluate-{k}.log")
+    return budget_record(k, anchor, data, bank, work, methods, args, distill_seconds, evaluate_seconds)
+
+
+def budget_record(
+    k: int,
+    anchor: Path,
+    data: Path,
+    bank: Path,
+    work: Path,
+    methods: list[str],
+    args,
+    distill_seconds: float,
+    evaluate_seconds: float,
+) -> dict:
+    """A budget's record, read from what its two commands wrote under ``work/mdm-<K>``."""
+    out = work / f"mdm-{k}"
+    state = json.loads((out / f"checkpoint-{args.max_steps}" / "trainer_state.json").read_text())
     comparison = Comparison.from_dict(json.loads((out / "students" / "comparison.json").read_text()))
     synthetic = SyntheticSet.from_pretrained(out / "synthetic")
+    evaluate_argv = evaluate_command(anchor, data, out / "synthetic", methods, out / "students", args)
     return {
-        "k": k, "distill_command": shlex.join(distill_argv), "evaluate_command": shlex.join(evaluate_argv),
-        "distill_wall_seconds": seconds, "evaluate_wall_seconds": eval_seconds,
+        "k": k, "distill_command": shlex.join(distill_command(anchor, data, bank, k, out, args)),
+        "evaluate_command": shlex.join(evaluate_argv),
+        "distill_wall_seconds": distill_seconds, "evaluate_wall_seconds": evaluate_seconds,
         "distill_iteration_seconds": state["distill_seconds"], "iterations": state["step"],
         "best_step": state["best_step"], "validation_history": state["history"],
         "results": {
@@ -114,34 +133,16 @@ def _birth(path: Path) -> float:
 
 
 def collect_budget(k: int, anchor: Path, data: Path, bank: Path, work: Path, with_full: bool, args) -> dict:
-    """The record of a budget whose two commands already ran (an interrupted table): the same fields, the wall
-    times read from file creation times (distill: output folder -> final checkpoint; evaluate: its log -> its
-    comparison.json)."""
+    """The record of a budget whose two commands already ran (an interrupted table), wall times read from file
+    creation times (distill: output folder -> final checkpoint; evaluate: its log -> its comparison.json)."""
     out = work / f"mdm-{k}"
     methods = ["synthetic", *CORESETS, *(["full"] if with_full else [])]
-    state = json.loads((out / f"checkpoint-{args.max_steps}" / "trainer_state.json").read_text())
-    comparison_file = out / "students" / "comparison.json"
-    comparison = Comparison.from_dict(json.loads(comparison_file.read_text()))
-    synthetic = SyntheticSet.from_pretrained(out / "synthetic")
-    return {
-        "k": k,
-        "distill_command": shlex.join(distill_command(anchor, data, bank, k, out, args)),
-        "evaluate_command": shlex.join(
-            evaluate_command(anchor, data, out / "synthetic", methods, out / "students", args)
-        ),
-        "distill_wall_seconds": _birth(out / f"checkpoint-{args.max_steps}") - _birth(out),
-        "evaluate_wall_seconds": comparison_file.stat().st_mtime - _birth(work / f"evaluate-{k}.log"),
-        "wall_from_file_times": True,
-        "distill_iteration_seconds": state["distill_seconds"], "iterations": state["step"],
-        "best_step": state["best_step"], "validation_history": state["history"],
-        "results": {
-            row.method: {"label": row.label, "mean": row.means["mean"], "std": row.stds.get("mean"),
-                         "means": row.means, "stds": row.stds, "seeds": row.seeds}
-            for row in comparison.rows
-        },
-        "protocol": comparison.protocol,
-        "drift": drift(synthetic, DualEncoder.from_pretrained(str(anchor)), data, args.cache_dir),
-    }  # fmt: skip
+    distill_seconds = _birth(out / f"checkpoint-{args.max_steps}") - _birth(out)
+    evaluate_seconds = (out / "students" / "comparison.json").stat().st_mtime - _birth(
+        work / f"evaluate-{k}.log"
+    )
+    record = budget_record(k, anchor, data, bank, work, methods, args, distill_seconds, evaluate_seconds)
+    return {**record, "wall_from_file_times": True}
 
 
 def _cell(row: dict | None) -> str:
