@@ -16,6 +16,7 @@ they are computed once and cached on disk under a key of model id + revision + p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -379,6 +380,7 @@ def load_image_caption_dataset(
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=64)  # one read per dataset, not one per split loaded
 def card_license(name_or_path: str, revision: str | None = None) -> str | list[str] | None:
     """The licence in a dataset's card (README YAML ``license:``), where ``datasets`` leaves ``info.license``
     empty: a local folder's README, or the Hub card when the Hub is reachable. None when there is none."""

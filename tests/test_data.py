@@ -21,6 +21,7 @@ from mdm_hf.data import (
     DataError,
     PairDataset,
     cached_text_features,
+    card_license,
     load_image_caption_dataset,
     load_split,
     preprocess_split_images,
@@ -547,4 +548,5 @@ def test_a_licence_only_in_the_card_is_carried(tmp_path):
     )  # fmt: skip
     assert load_image_caption_dataset(path, "train").license is None  # no card: unknown, not invented
     (Path(path) / "README.md").write_text("---\nlicense: cc-by-sa-4.0\n---\n# data\n")
+    card_license.cache_clear()  # the card is read once per dataset; this test writes it after the first read
     assert load_image_caption_dataset(path, "train").license == "cc-by-sa-4.0"
