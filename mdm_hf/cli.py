@@ -56,7 +56,9 @@ def distill_main(argv: Sequence[str]) -> int:
         synthetic.save_pretrained(out, overwrite=True)
         print(f"Synthetic set ({len(synthetic)} pairs) written to {out}; load it with load_dataset('{out}').")
         if config.push_to_hub:
-            url = synthetic.push_to_hub(config.hub_dataset_id, private=config.hub_private, local_dir=out)
+            url = synthetic.push_to_hub(
+                config.hub_dataset_id, private=config.hub_private or None, local_dir=out
+            )
             print(f"Pushed to {url}")
     distiller.accelerator.wait_for_everyone()
     return 0
@@ -70,7 +72,9 @@ def experts_main(argv: Sequence[str]) -> int:
         print(f"Expert bank ({config.num_experts} experts x {config.num_epochs} epochs, {config.kind}) written to "
               f"{bank} ({bank_size_bytes(bank) / 2**20:.1f} MiB). Use it with --expert_bank {bank}.")  # fmt: skip
         if config.push_to_hub:
-            print(f"Pushed to {push_expert_bank(bank, config.hub_model_id, private=config.hub_private)}")
+            print(
+                f"Pushed to {push_expert_bank(bank, config.hub_model_id, private=config.hub_private or None)}"
+            )
     return 0
 
 

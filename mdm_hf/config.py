@@ -5,18 +5,36 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
-from .support import PIXEL_RANGES, TEXT_NORMS
+from .models import TextPooling
+from .support import PixelRange, TextNorm
+
+logger = logging.getLogger(__name__)
+
 
 T = TypeVar("T")
+
+# Choices as Literal types, so ``--help`` lists them and a wrong value is refused while the line is parsed.
+InitMethod = Literal["kmeans", "random", "herding", "kcenter"]
+REPORT_TO_HELP = (
+    "Where to send logs (accelerate trackers): none | tensorboard | trackio | wandb | mlflow | all, or several "
+    "separated by commas; tensorboard writes under output_dir."
+)
+
+
+def trackers(report_to: str | None) -> list[str] | None:
+    """``report_to`` as accelerate's ``log_with`` (``None`` for ``none``): the one reading of the flag."""
+    names = [n.strip() for n in (report_to or "none").split(",") if n.strip() not in ("", "none")]
+    return names or None
 
 
 def config_field(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentParser's metadata key
@@ -25,6 +43,36 @@ def config_field(default, help: str, **kw):  # noqa: A002 - mirrors HfArgumentPa
 
 
 _f = config_field
+
+
+def deprecated_alias(name: str):
+    """A field that keeps an old flag / YAML key / keyword working: its value moves to ``name`` (with a warning) in
+    :func:`resolve_deprecated_aliases`. One name per concept across commands, following ``TrainingArguments``."""
+    return field(
+        default=None, metadata={"help": f"Deprecated alias of --{name}.", "deprecated_alias_of": name}
+    )
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def resolve_deprecated_aliases(config) -> None:
+    """Move every deprecated alias's value to its field (warning once per alias); refuse two different values."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for f in fields.values():
+        name, value = f.metadata.get("deprecated_alias_of"), getattr(config, f.name)
+        if name is None or value is None:
+            continue
+        current = getattr(config, name)
+        if current != _field_default(fields[name]) and current != value:
+            raise ValueError(
+                f"--{f.name}={value!r} and --{name}={current!r}: --{f.name} is a deprecated alias of --{name}; "
+                f"give the value once, as --{name}."
+            )
+        logger.warning("--%s is deprecated; use --%s.", f.name, name)
+        setattr(config, name, value)
+        setattr(config, f.name, None)
 
 
 def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
@@ -41,7 +89,11 @@ def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def check_field_types(config) -> None:
-    """:func:`check_types` for a config instance (the Python API path; the command line checks YAML values)."""
+    """:func:`check_types` for a config instance (the Python API path; the command line checks YAML values).
+
+    Deprecated aliases are resolved first (:func:`resolve_deprecated_aliases`), so every ``__post_init__`` that
+    starts with this call accepts the old names."""
+    resolve_deprecated_aliases(config)
     check_types(
         type(config),
         {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
@@ -79,7 +131,7 @@ class ModelArguments:
         "Hub id or local dir of the anchor dual encoder (CLIP / SigLIP / VisionTextDualEncoder).",
     )
     model_revision: str | None = _f(None, "Revision (branch, tag or commit) of the anchor on the Hub.")
-    text_pooling: str = _f("auto", "Text feature pooling: auto | pooler | mean | last (see mdm_hf.models).")
+    text_pooling: TextPooling = _f("auto", "Text feature pooling (see mdm_hf.models); auto: the model's own.")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the Hub (off by default).")
 
 
@@ -116,7 +168,7 @@ def _conforms(value: Any, annotation: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_conforms(value, a) for a in args)
     if origin is typing.Literal:
-        return value in args
+        return isinstance(value, str | int | bool | None) and value in args
     if origin in (list, tuple, Sequence):
         return (
             isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value) if args else True
@@ -134,12 +186,22 @@ def _conforms(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _describe_type(annotation: Any) -> str:
+    """``one of 'a', 'b'`` for a Literal (optionally ``| None``), the type's name otherwise."""
+    args = typing.get_args(annotation)
+    literal = next((a for a in (annotation, *args) if typing.get_origin(a) is typing.Literal), None)
+    if literal is not None:
+        shown = ", ".join(repr(v) for v in typing.get_args(literal))
+        return f"one of {shown}" + (" or None" if type(None) in args else "")
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def check_types(cls: type, values: dict[str, Any], source: str) -> None:
     """Raise one ``ValueError`` naming every value whose type is not its field's (``num_pairs: 8.7``,
     ``num_pairs: [8]``), before anything is loaded."""
     hints = typing.get_type_hints(cls)
     bad = [
-        f"{key}={value!r} (expected {getattr(hints[key], '__name__', None) or str(hints[key]).replace('typing.', '')})"
+        f"{key}={value!r} (expected {_describe_type(hints[key])})"
         for key, value in values.items()
         if key in hints and not _conforms(value, hints[key])
     ]
@@ -183,6 +245,7 @@ class DistillRunArguments(DatasetArguments):
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
     resume_from_checkpoint: str | None = _f(None, "A checkpoint dir, or 'latest' to resume from output_dir.")
     logging_steps: int = _f(10, "Log losses and timings every N iterations.")
+    report_to: str = _f("none", REPORT_TO_HELP)
     seed: int = _f(0, "Seed of initialisation, teacher / trajectory draws and batch sampling.")
 
     # Fields that may change when a run resumes from a checkpoint: they set how long it runs, what it logs and
@@ -251,7 +314,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     merge_alpha: float = _f(
         0.5, "Scale of the Model Stock offset (1.0 = Model Stock; reference script: 0.5)."
     )
-    teacher_mode: str = _f(
+    teacher_mode: Literal["fresh", "pooled"] = _f(
         "fresh",
         "fresh: a new mixed teacher every iteration (paper). pooled: reuse a pool of teachers whose "
         "real-side embeddings are computed once (faster).",
@@ -267,8 +330,8 @@ class MDMConfig(ModelArguments, DistillRunArguments):
         "Split the validation hook scores (never test); 'none' turns validation off. A dataset without it is "
         "distilled without validation, with a warning.",
     )
-    student_preset: str = _f(
-        "small", "Recipe of the validation students (mdm_hf.students.PRESETS): small | paper."
+    student_preset: Literal["small", "paper"] = _f(
+        "small", "Recipe of the validation students (mdm_hf.students.PRESETS)."
     )
     student_max_steps: int | None = _f(None, "Steps of each validation student (None: the preset's).")
     student_num_seeds: int = _f(
@@ -281,24 +344,26 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     )
 
     # ---- synthetic set (its size: num_pairs)
-    init: str = _f("kmeans", "Initialisation: kmeans (joint space, MDM §1) | random | herding | kcenter.")
+    init: InitMethod = _f(
+        "kmeans", "Initialisation: kmeans is MDM's joint-space k-means (docs/method.md §1)."
+    )
 
     # ---- optimisation (docs/method.md §4)
     real_batch_size: int = _f(256, "Real pairs per iteration (global, split across processes).")
     syn_batch_size: int = _f(64, "Synthetic pairs per iteration.")
-    optimizer: str = _f("sgd", "sgd (momentum) | adam.")
+    optimizer: Literal["sgd", "adam"] = _f("sgd", "sgd (with momentum) or adam.")
     lr_pixels: float = _f(100.0, "Learning rate of the synthetic pixels (reference: 100).")
     lr_text: float = _f(
         10.0,
         "Learning rate of the synthetic text features. 10x below lr_pixels: with text_norm=initial only their "
         "direction moves, and on EmojiCaps validation 10 beat 100 at every budget (README, Results).",
     )
-    text_norm: str = _f(
+    text_norm: TextNorm = _f(
         "initial",
         "Keep learned text features on the real features' scale: initial (each keeps the norm of the real "
         "feature it started from; only its direction is learned) | real_mean | free (the reference).",
     )
-    pixel_range: str = _f(
+    pixel_range: PixelRange = _f(
         "clamp",
         "clamp: keep pixels in the range that de-normalises to valid RGB [0, 1] | free (the reference).",
     )
@@ -322,14 +387,15 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     lambda_discrepancy: float = _f(0.8, "Weight of GKE between real and synthetic discrepancy directions.")
     sigma: float = _f(0.5, "Bandwidth of the geodesic Gaussian kernel (radians).")
     temperature: float | None = _f(0.07, "InfoNCE temperature; None: the teacher's own logit scale.")
-    contrastive: str = _f("auto", "auto (from the teacher) | clip (softmax InfoNCE) | siglip (sigmoid).")
+    contrastive: Literal["auto", "clip", "siglip"] = _f(
+        "auto", "auto (from the teacher), clip (softmax InfoNCE) or siglip (sigmoid)."
+    )
 
     # ---- logging and the Hub (budget, loop, validation and checkpoint fields: DistillRunArguments)
-    report_to: str = _f("none", "Tracker for accelerate: none | tensorboard | trackio | wandb | all.")
     num_workers: int = _f(0, "DataLoader workers for real images that are not cached.")
     push_to_hub: bool = _f(False, "Push the synthetic set to the Hub at the end (needs hub_dataset_id).")
     hub_dataset_id: str | None = _f(None, "namespace/name of the dataset repo to push to.")
-    hub_private: bool | None = _f(None, "Create the Hub repo as private.")
+    hub_private: bool = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -360,16 +426,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
             or (len(self.lr_search) > 0 and all(x > 0 for x in self.lr_search)),
             "lr_search_steps": self.lr_search_steps >= 1,
         }
-        choices = {
-            "teacher_mode": ("fresh", "pooled"),
-            "optimizer": ("sgd", "adam"),
-            "init": ("kmeans", "random", "herding", "kcenter"),
-            "contrastive": ("auto", "clip", "siglip"),
-            "student_preset": ("small", "paper"),
-            "text_norm": TEXT_NORMS,
-            "pixel_range": PIXEL_RANGES,
-        }
-        check_values(self, checks, choices)
+        check_values(self, checks)
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError(
                 "--push_to_hub needs --hub_dataset_id (namespace/name of the dataset repo to create)."

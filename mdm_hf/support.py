@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-TEXT_NORMS = ("free", "initial", "real_mean")
-PIXEL_RANGES = ("free", "clamp")
+TextNorm = Literal["initial", "real_mean", "free"]
+PixelRange = Literal["clamp", "free"]
+TEXT_NORMS: tuple[str, ...] = get_args(TextNorm)
+PIXEL_RANGES: tuple[str, ...] = get_args(PixelRange)
 
 
 def valid_pixel_box(
