@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from accelerate import PartialState
@@ -32,19 +31,25 @@ from .baselines.tm import (
 )
 from .config import MDMConfig, parse_dataclass_args
 from .data import cached_text_features, load_split, preprocess_split_images
-from .demo import DemoConfig, run_demo
-from .demo import __doc__ as demo_doc
+from .demo import QUICK_PRESET, DemoConfig, run_demo
 from .distill import MDMDistiller
-from .emojicaps import build_emojicaps, default_emojicaps_dir
+from .emojicaps import EmojiCapsArguments
 from .experts import ExpertTrainingConfig, train_expert_bank
 from .models import DualEncoder
 from .students import StudentConfig, card_results, compare_methods, evaluate_student, format_results_table
 from .synthetic import SyntheticSet
 
 
+def _parse_command(cls, argv: Sequence[str], command: str, **kwargs):
+    """The command's config from YAML + flags, with the command's one-line help as ``--help``'s description."""
+    return parse_dataclass_args(
+        cls, argv, prog=f"mdm-hf {command}", description=COMMANDS[command][1], **kwargs
+    )
+
+
 def distill_main(argv: Sequence[str]) -> int:
     """``mdm-hf distill --config file.yaml [--field value ...]``: distill, save ``<output_dir>/synthetic``, push."""
-    config = parse_dataclass_args(MDMConfig, argv, prog="mdm-hf distill")
+    config = _parse_command(MDMConfig, argv, "distill")
     out = Path(config.output_dir) / "synthetic"
     if out.exists() and not out.is_dir():  # found now, not after the whole run
         raise NotADirectoryError(
@@ -66,7 +71,7 @@ def distill_main(argv: Sequence[str]) -> int:
 
 def experts_main(argv: Sequence[str]) -> int:
     """``mdm-hf experts --config file.yaml [--field value ...]``: train a bank, optionally push it."""
-    config = parse_dataclass_args(ExpertTrainingConfig, argv, prog="mdm-hf experts")
+    config = _parse_command(ExpertTrainingConfig, argv, "experts")
     bank = train_expert_bank(config)
     if PartialState().is_main_process:
         print(f"Expert bank ({config.num_experts} experts x {config.num_epochs} epochs, {config.kind}) written to "
@@ -80,7 +85,7 @@ def experts_main(argv: Sequence[str]) -> int:
 
 def anchor_main(argv: Sequence[str]) -> int:
     """``mdm-hf anchor --config file.yaml [--field value ...]``: pre-train an anchor dual encoder."""
-    config = parse_dataclass_args(AnchorPretrainingConfig, argv, prog="mdm-hf anchor")
+    config = _parse_command(AnchorPretrainingConfig, argv, "anchor")
     result = pretrain_anchor(config)
     if PartialState().is_main_process:
         print(f"Anchor saved to {result.output_dir} (loss on fixed batches {result.initial_loss:.4f} -> "
@@ -90,7 +95,7 @@ def anchor_main(argv: Sequence[str]) -> int:
 
 def evaluate_main(argv: Sequence[str]) -> int:
     """``mdm-hf evaluate``: one method (``--method``), or ``--methods ...`` compared under one protocol."""
-    config = parse_dataclass_args(StudentConfig, argv, prog="mdm-hf evaluate")
+    config = _parse_command(StudentConfig, argv, "evaluate")
     result = compare_methods(config) if config.methods else evaluate_student(config)
     print(format_results_table(result))
     print(f"\nProtocol: {result.protocol}")
@@ -106,25 +111,30 @@ def evaluate_main(argv: Sequence[str]) -> int:
     return 0
 
 
+DATASETS = {
+    "emojicaps": (EmojiCapsArguments, "EmojiCaps: Twemoji / OpenMoji art captioned with emoji names.")
+}
+
+
 def data_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mdm-hf data", description="Build datasets offline.")
-    sub = parser.add_subparsers(dest="dataset", required=True)
-    emoji = sub.add_parser("emojicaps", help="EmojiCaps: Twemoji/OpenMoji art captioned with emoji names.")
-    emoji.add_argument("--output_dir", default=None, help="Default: $MDM_HF_HOME/emojicaps-<size>px")
-    emoji.add_argument("--image_size", type=int, default=48)
-    emoji.add_argument("--seed", type=int, default=0)
-    emoji.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    out = args.output_dir or default_emojicaps_dir(args.image_size)
-    path = build_emojicaps(out, image_size=args.image_size, seed=args.seed, overwrite=args.overwrite)
-    print(f"EmojiCaps is in {path}; open it with datasets.load_dataset('{path}').")
+    """``mdm-hf data <dataset> [--field value ...]``: build a dataset offline (today: EmojiCaps)."""
+    parser = argparse.ArgumentParser(prog="mdm-hf data", description=COMMANDS["data"][1],
+                                     epilog="`mdm-hf data DATASET --help` lists the dataset's fields.")  # fmt: skip
+    sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    for name, (_, help_text) in DATASETS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    dataset = parser.parse_args(list(argv)[:1]).dataset
+    cls, help_text = DATASETS[dataset]
+    arguments = parse_dataclass_args(cls, argv[1:], prog=f"mdm-hf data {dataset}", description=help_text)
+    path = arguments.build()
+    print(f"{dataset} is in {path}; open it with datasets.load_dataset('{path}').")
     return 0
 
 
 def tm_main(argv: Sequence[str]) -> int:
     """``mdm-hf tm --config file.yaml [--preset lors] [--field value ...]``: distil with trajectory matching, save
     the set. ``--preset lors`` fills every field not given from LoRS' settings (:mod:`mdm_hf.baselines.tm.config`)."""
-    config = parse_dataclass_args(TrajectoryMatchingConfig, argv, prog="mdm-hf tm")
+    config = _parse_command(TrajectoryMatchingConfig, argv, "tm")
     out = Path(config.output_dir) / "synthetic"
     if out.exists() and not out.is_dir():  # found now, not after the whole run
         raise NotADirectoryError(
@@ -138,7 +148,7 @@ def tm_main(argv: Sequence[str]) -> int:
 
 def tm_buffer_main(argv: Sequence[str]) -> int:
     """``mdm-hf tm-buffer --model_name_or_path ... --dataset_name ... --output_dir buffer/``."""
-    config = parse_dataclass_args(TrajectoryBufferConfig, argv, prog="mdm-hf tm-buffer")
+    config = _parse_command(TrajectoryBufferConfig, argv, "tm-buffer")
     anchor = DualEncoder.from_pretrained(
         config.model_name_or_path, config.model_revision, config.text_pooling, config.trust_remote_code
     )
@@ -159,18 +169,10 @@ def tm_buffer_main(argv: Sequence[str]) -> int:
 
 
 def demo_main(argv: Sequence[str]) -> int:
-    """``mdm-hf demo [--quick]``: the whole pipeline offline on EmojiCaps."""
-    parser = argparse.ArgumentParser(prog="mdm-hf demo", description=demo_doc.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the < 3 minute preset")
-    parser.add_argument("--output_dir", default="mdm-demo")
-    parser.add_argument("--data_dir", default=None, help="where EmojiCaps is built / found")
-    parser.add_argument("--num_pairs", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    overrides = {"output_dir": args.output_dir, "data_dir": args.data_dir, "num_pairs": args.num_pairs,
-                 "seed": args.seed}  # fmt: skip
-    cfg = DemoConfig.quick(**overrides) if args.quick else replace(DemoConfig(), **overrides)
-    run_demo(cfg)
+    """``mdm-hf demo [--quick] [--field value ...]``: the whole pipeline offline on EmojiCaps."""
+    quick = ("The < 3 minute preset: " + ", ".join(f"{k}={v}" for k, v in QUICK_PRESET.items()) + "; other "
+             "flags override it.")  # fmt: skip
+    run_demo(_parse_command(DemoConfig, argv, "demo", presets={"quick": (quick, QUICK_PRESET)}))
     return 0
 
 

@@ -21,9 +21,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .anchor import AnchorPretrainingConfig, pretrain_anchor
-from .config import MDMConfig
+from .config import MDMConfig, check_field_types
+from .config import config_field as _f
 from .distill import MDMDistiller
 from .emojicaps import build_emojicaps, default_emojicaps_dir
 from .experts import ExpertTrainingConfig, train_expert_bank
@@ -38,49 +40,62 @@ from .students import (
 logger = logging.getLogger(__name__)
 
 
+# The ``--quick`` preset (``DemoConfig.quick()``): smaller images, tower and step counts; one student seed.
+QUICK_PRESET = dict(
+    image_size=32, anchor_hidden_size=96, anchor_layers=2, anchor_heads=2, anchor_steps=120,
+    num_experts=2, expert_epochs=2, lora_r=4, distill_steps=40, eval_steps=0, student_steps=60,
+    student_eval_steps=10, student_seeds=1,
+)  # fmt: skip
+
+
 @dataclass
 class DemoConfig:
-    """Sizes of every stage. ``quick()`` and the defaults are the two presets of ``mdm-hf demo``."""
+    """Sizes of every stage of ``mdm-hf demo``; field help doubles as its ``--help``. ``quick()`` and the defaults
+    are its two presets (the defaults follow docs/benchmarks.md's EmojiCaps setting)."""
 
-    output_dir: str = "mdm-demo"
-    data_dir: str | None = None  # default: $MDM_HF_HOME/emojicaps-<size>px
-    max_concepts: int | None = None  # a subset of EmojiCaps' concepts (tests)
-    image_size: int = 48
-    num_pairs: int = 100
+    output_dir: str = _f("mdm-demo", "Where the anchor, experts, synthetic set and results are written.")
+    data_dir: str | None = _f(
+        None, "Where EmojiCaps is built / found (default: $MDM_HF_HOME/emojicaps-<size>px)."
+    )
+    max_concepts: int | None = _f(None, "Use a seeded subset of EmojiCaps' concepts (tests; None: all).")
+    image_size: int = _f(48, "Side of the EmojiCaps images in pixels.")
+    num_pairs: int = _f(100, "K: synthetic pairs to distill.")
     # anchor (docs/benchmarks.md: 48 px, ViT 192-d x 4 layers, trained on P)
-    anchor_hidden_size: int = 192
-    anchor_layers: int = 4
-    anchor_heads: int = 3
-    anchor_steps: int = 250
-    anchor_batch_size: int = 128
+    anchor_hidden_size: int = _f(192, "Width of the anchor's ViT.")
+    anchor_layers: int = _f(4, "Layers of the anchor's ViT.")
+    anchor_heads: int = _f(3, "Attention heads of the anchor's ViT.")
+    anchor_steps: int = _f(250, "Anchor pre-training steps on the P concepts.")
+    anchor_batch_size: int = _f(128, "Anchor pre-training batch size.")
     # experts
-    num_experts: int = 2
-    expert_epochs: int = 3
-    expert_lr: float = 5e-4
-    lora_r: int = 8
+    num_experts: int = _f(2, "LoRA experts fine-tuned from the anchor on T train.")
+    expert_epochs: int = _f(3, "Epochs per expert (an adapter per epoch).")
+    expert_lr: float = _f(5e-4, "Expert learning rate (AdamW).")
+    lora_r: int = _f(8, "LoRA rank of the experts.")
     # distillation
-    distill_steps: int = 200
-    teacher_mode: str = "pooled"
-    lr_pixels: float = 100.0
-    lr_text: float = 10.0  # MDMConfig's default (text keeps its norm; only its direction moves)
-    eval_steps: int = 100
+    distill_steps: int = _f(200, "MDM iterations.")
+    teacher_mode: Literal["fresh", "pooled"] = _f("pooled", "MDM teacher mode (see mdm-hf distill --help).")
+    lr_pixels: float = _f(100.0, "MDM pixel learning rate (MDMConfig's default).")
+    lr_text: float = _f(10.0, "MDM text-feature learning rate (MDMConfig's default).")
+    eval_steps: int = _f(100, "Validate the set every N iterations (0: no validation, keep the last state).")
     # students
-    student_steps: int = 100
-    student_eval_steps: int = 10
-    student_seeds: int = 2
-    methods: list[str] = field(default_factory=lambda: ["synthetic", "kmeans", "random", "kcenter"])
-    seed: int = 0
+    student_steps: int = _f(100, "Steps of each student.")
+    student_eval_steps: int = _f(
+        10, "Students are scored on validation every N steps (the best step is kept)."
+    )
+    student_seeds: int = _f(2, "Student seeds per method.")
+    methods: list[str] = field(
+        default_factory=lambda: ["synthetic", "kmeans", "random", "kcenter"],
+        metadata={"help": "The sets compared: synthetic (the distilled set) and coresets of the same size."},
+    )
+    seed: int = _f(0, "Seed of every stage.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
-        """The ``--quick`` preset: smaller images, tower and step counts; one student seed."""
-        values = dict(
-            image_size=32, anchor_hidden_size=96, anchor_layers=2, anchor_heads=2, anchor_steps=120,
-            num_experts=2, expert_epochs=2, lora_r=4, distill_steps=40, eval_steps=0, student_steps=60,
-            student_eval_steps=10, student_seeds=1,
-        )  # fmt: skip
-        values.update(overrides)
-        return cls(**values)
+        """The ``--quick`` preset (:data:`QUICK_PRESET`); keyword overrides win."""
+        return cls(**{**QUICK_PRESET, **overrides})
 
 
 def _stage(name: str):

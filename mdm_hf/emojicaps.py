@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .cards import emojicaps_card
+from .config import check_field_types
+from .config import config_field as _f
 from .emojicaps_render import (
     CHROMA_LEVEL,
     COLOURED_FRACTION,
@@ -261,6 +263,27 @@ def _ambiguous_captions(concepts: list[EmojiConcept]) -> dict[str, list[str]]:
         for cap in c.captions:
             owners[cap.casefold()].append(c.emoji)
     return {cap: sorted(set(ems)) for cap, ems in sorted(owners.items()) if len(set(ems)) > 1}
+
+
+@dataclass
+class EmojiCapsArguments:
+    """What ``mdm-hf data emojicaps`` builds; field help doubles as its ``--help`` (see :func:`build_emojicaps`)."""
+
+    output_dir: str | None = _f(None, "Where to write it (default: $MDM_HF_HOME/emojicaps-<size>px).")
+    image_size: int = _f(48, "Side of the square RGB images in pixels (at least 8).")
+    seed: int = _f(0, "Seed of the concept split P / T (and of the max_concepts subset).")
+    pretrain_fraction: float = _f(0.5, "Share of concepts in P (the pretrain split); the rest form T.")
+    val_fraction: float = _f(0.35, "Share of T's concepts in validation; the rest of T is test.")
+    max_concepts: int | None = _f(None, "Keep a seeded subset of concepts (quick tests; None: all ~1,900).")
+    overwrite: bool = _f(False, "Replace an existing EmojiCaps build made with other parameters.")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
+    def build(self) -> Path:
+        """:func:`build_emojicaps` with these arguments."""
+        values = {k: v for k, v in asdict(self).items() if k != "output_dir"}
+        return build_emojicaps(self.output_dir or default_emojicaps_dir(self.image_size), **values)
 
 
 def build_emojicaps(
