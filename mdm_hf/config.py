@@ -415,7 +415,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     num_workers: int = _f(0, "DataLoader workers for real images that are not cached.")
     push_to_hub: bool = _f(False, "Push the synthetic set to the Hub at the end (needs hub_dataset_id).")
     hub_dataset_id: str | None = _f(None, "namespace/name of the dataset repo to push to.")
-    hub_private: bool = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
+    hub_private: bool | None = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -94,7 +94,12 @@ def search_learning_rate(distiller: MDMDistiller) -> MDMConfig:
         scores[lr] = run.state.history[-1]["mean"]
         logger.info("lr_search: lr_pixels=%g lr_text=%g -> validation mean %.2f", lr, lr * ratio, scores[lr])
     best = max(scores, key=scores.get)
-    logger.info("lr_search: continuing with lr_pixels=%g, lr_text=%g (scores %s)", best, best * ratio, scores)
+    logger.info(
+        "lr_search: continuing with lr_pixels=%g, lr_text=%g (scores %s)",
+        best,
+        best * ratio,
+        {lr: round(s, 2) for lr, s in scores.items()},
+    )
     return replace(cfg, lr_pixels=best, lr_text=best * ratio)
 
 
