@@ -380,7 +380,7 @@ def _train_in_process(model_dir, dataset_dir, out_dir):
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2
     cfg = ExpertTrainingConfig(
-        model_name_or_path=model_dir, dataset_name=dataset_dir, num_experts=1, num_epochs=1, lora_r=4,
+        model_name_or_path=model_dir, dataset_name=dataset_dir, num_experts=1, num_train_epochs=1, lora_r=4,
         learning_rate=1e-2, per_device_train_batch_size=4, max_train_images=16, validation_split=None,
         output_dir=str(out_dir / "bank"),
     )  # fmt: skip
@@ -420,7 +420,7 @@ def test_anchor_pretraining_gives_a_loadable_checkpoint_with_lower_loss(tiny_dat
     cfg = AnchorPretrainingConfig(
         dataset_name=tiny_dataset_dir, train_split="train", validation_split="validation", image_size=32,
         patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        projection_dim=32, num_epochs=6, per_device_train_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
+        projection_dim=32, num_train_epochs=6, per_device_train_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
         grayscale_p=0.3, blur_p=0.3, output_dir=str(tmp_path / "anchor"), cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     result = pretrain_anchor(cfg)
