@@ -459,14 +459,14 @@ def _current_setting_names(training: dict) -> dict:
 
 
 def _clear_unfinished_experts(out: Path, resume: bool, accelerator) -> None:
-    """With ``resume`` and no manifest yet, the folder can only hold the first expert's cut-off epochs."""
+    """With ``resume`` and no manifest yet, the folder can only hold the first expert's cut-off epochs (and the
+    tracker logs of that run)."""
     if not resume or not out.is_dir():
         return
-    if all((p.is_dir() and p.name.startswith("expert-")) or p.name == TRACKER_PROJECT for p in out.iterdir()):
+    if all(p.is_dir() and (p.name.startswith("expert-") or p.name == TRACKER_PROJECT) for p in out.iterdir()):
         if accelerator.is_main_process:
-            for p in out.iterdir():
-                if p.name != TRACKER_PROJECT:  # the cut-off run's logs stay; the resumed run adds to them
-                    shutil.rmtree(p)
+            for p in out.iterdir():  # the expert is redone from its first step, and so are its logs
+                shutil.rmtree(p)
         accelerator.wait_for_everyone()
 
 

@@ -273,7 +273,7 @@ def run_contrastive_training(
                 break
         mean = accelerator.reduce(running / max(count, 1), reduction="mean").item()
         epoch_losses.append(mean)
-        log.log({"train/epoch_loss": mean, "train/epoch": step / len(loader)})
+        log.log({"train/epoch_loss": mean})
         model.eval()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, mean)
