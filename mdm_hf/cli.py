@@ -74,7 +74,7 @@ def experts_main(argv: Sequence[str]) -> int:
     config = _parse_command(ExpertTrainingConfig, argv, "experts")
     bank = train_expert_bank(config)
     if PartialState().is_main_process:
-        print(f"Expert bank ({config.num_experts} experts x {config.num_epochs} epochs, {config.kind}) written to "
+        print(f"Expert bank ({config.num_experts} experts x {config.num_train_epochs} epochs, {config.kind}) written to "
               f"{bank} ({bank_size_bytes(bank) / 2**20:.1f} MiB). Use it with --expert_bank {bank}.")  # fmt: skip
         if config.push_to_hub:
             print(

@@ -61,15 +61,19 @@ def _field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def deprecated_aliases(cls) -> dict[str, str]:
+    """``{deprecated name: current name}`` for the :func:`deprecated_alias` fields of a config class or instance."""
+    marks = {f.name: _ALIAS_PATTERN.match(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
+    return {old: mark.group(1) for old, mark in marks.items() if mark is not None}
+
+
 def resolve_deprecated_aliases(config) -> None:
     """Move every deprecated alias's value to its field (warning once per alias); refuse two different values."""
     fields = {f.name: f for f in dataclasses.fields(config)}
-    for f in fields.values():
-        mark = _ALIAS_PATTERN.match(f.metadata.get("help", ""))
-        value = getattr(config, f.name)
-        if mark is None or value is None:
+    for alias, name in deprecated_aliases(config).items():
+        f, value = fields[alias], getattr(config, alias)
+        if value is None:
             continue
-        name = mark.group(1)
         current = getattr(config, name)
         if current != _field_default(fields[name]) and current != value:
             raise ValueError(
@@ -415,7 +419,9 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     num_workers: int = _f(0, "DataLoader workers for real images that are not cached.")
     push_to_hub: bool = _f(False, "Push the synthetic set to the Hub at the end (needs hub_dataset_id).")
     hub_dataset_id: str | None = _f(None, "namespace/name of the dataset repo to push to.")
-    hub_private: bool | None = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
+    hub_private: bool | None = _f(
+        False, "Create the Hub repo as private (default: the Hub's default, public)."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -36,15 +36,31 @@ from .bank import (
     write_bank_card,
 )
 from .checkpointing import prepare_output_dir, write_json_atomic
-from .config import DatasetArguments, ModelArguments, check_field_types, check_values, optional_split
+from .config import (
+    REPORT_TO_HELP,
+    DatasetArguments,
+    ModelArguments,
+    check_field_types,
+    check_values,
+    deprecated_alias,
+    deprecated_aliases,
+    optional_split,
+    trackers,
+)
 from .config import config_field as _f
 from .data import cached_text_features, load_split, preprocess_split_images
 from .models import DualEncoder
 from .training import (
+    LR_SCHEDULER_HELP,
     CaptionedImages,
     ContrastiveObjective,
+    LRSchedulerType,
+    TrainingLog,
+    check_warmup,
     evaluate_recall,
+    finish_trackers,
     run_contrastive_training,
+    start_trackers,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +72,8 @@ ATTENTION_LEAVES = (
     ("query", "key", "value"),  # ViT / BERT-style towers in transformers 4
 )
 PROJECTION_MODULES = {"clip": ["visual_projection", "text_projection"], "siglip": ["text_model.head"]}
+# The tracker run of a bank (--report_to): its name, and the folder inside the bank where TensorBoard writes it.
+TRACKER_PROJECT = "mdm-experts"
 
 
 # ============================================================================================== configuration
@@ -70,7 +88,6 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
 
     # ---- anchor: the ModelArguments fields; data: the DatasetArguments fields (train_split: what the experts are
     # fine-tuned on), and
-    revision: str | None = _f(None, "Deprecated alias of --model_revision.")
     validation_split: str | None = _f(
         "validation", "Split for the per-epoch recall in the manifest (None: skip)."
     )
@@ -82,7 +99,7 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
         None, "One seed per expert (LoRA init + data order); None: seed, seed+1, ..."
     )
     seed: int = _f(0, "First seed when seeds is None.")
-    num_epochs: int = _f(5, "Epochs per expert; an adapter is saved at the end of every epoch.")
+    num_train_epochs: int = _f(5, "Epochs per expert; an adapter is saved at the end of every epoch.")
     full_finetune: bool = _f(
         False, "Train the whole vision tower + projections instead of LoRA (kind 'full')."
     )
@@ -94,10 +111,10 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale alpha / sqrt(r).")
     target_modules: list[str] | None = _f(
         None,
-        "Leaf names of vision-tower Linear layers that get LoRA (scoped to vision_model encoder layers). None: the "
-        "attention projections (q_proj k_proj v_proj out_proj for CLIP/SigLIP; q_proj k_proj v_proj o_proj for ViT in "
-        "transformers 5; query key value before). Add "
-        "fc1 fc2 for the MLPs.",
+        "Leaf names of vision-tower Linear layers that get LoRA (scoped to the vision_model encoder layers). None: "
+        "the attention projections, read from the model's own module names (q_proj k_proj v_proj out_proj for "
+        "CLIP / SigLIP; q_proj k_proj v_proj o_proj for ViT in transformers 5; query key value before); a tower "
+        "with none of these is refused with its Linear names listed. Add fc1 fc2 for the MLPs.",
     )
     modules_to_save: list[str] | None = _f(
         None,
@@ -108,11 +125,18 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
     # ---- optimisation
     learning_rate: float = _f(1e-4, "AdamW learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    lr_scheduler_type: str = _f("constant", "transformers scheduler name: constant | cosine | linear | ...")
+    lr_scheduler_type: LRSchedulerType = _f("constant", LR_SCHEDULER_HELP)
     warmup_ratio: float = _f(0.0, "Fraction of each expert's steps used for linear warm-up.")
     per_device_train_batch_size: int = _f(64, "Images per batch and process (one caption each).")
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm (None: no clipping).")
     num_workers: int = _f(0, "DataLoader workers for images that are not cached.")
+
+    # ---- logging
+    logging_steps: int = _f(
+        10, "Log the loss, learning rate and epoch every N optimiser steps (0: per epoch only)."
+    )
+    report_to: str = _f("none", REPORT_TO_HELP)
+    disable_tqdm: bool = _f(False, "Hide the progress bar (it shows on the main process only).")
 
     # ---- output
     output_dir: str = _f("expert_bank", "Directory of the bank.")
@@ -127,19 +151,16 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
     hub_model_id: str | None = _f(None, "namespace/name of the model repo to push the bank to.")
     hub_private: bool | None = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
 
+    # ---- earlier names (one name per concept across commands, as in TrainingArguments)
+    revision: str | None = deprecated_alias("model_revision")
+    num_epochs: int | None = deprecated_alias("num_train_epochs")
+
     def __post_init__(self) -> None:
-        check_field_types(self)
-        if self.revision is not None:  # deprecated spelling: one name per concept across commands
-            if self.model_revision not in (None, self.revision):
-                raise ValueError(
-                    "Give the anchor's revision once, as --model_revision (--revision is deprecated)."
-                )
-            logger.warning("--revision is deprecated; use --model_revision.")
-            self.model_revision, self.revision = self.revision, None
+        check_field_types(self)  # moves the deprecated names' values to their fields first
         self.validation_split = optional_split(self.validation_split)
         checks = {
             "num_experts": self.num_experts >= 1,
-            "num_epochs": self.num_epochs >= 1,
+            "num_train_epochs": self.num_train_epochs >= 1,
             "lora_r": self.lora_r >= 1,
             "lora_alpha": self.lora_alpha > 0,
             "learning_rate": self.learning_rate > 0,
@@ -151,8 +172,10 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
             "num_workers": self.num_workers >= 0,
             "max_validation_images": self.max_validation_images is None or self.max_validation_images >= 1,
             "max_cached_images": self.max_cached_images >= 0,
+            "logging_steps": self.logging_steps >= 0,
         }
         check_values(self, checks)
+        check_warmup(self.lr_scheduler_type, self.warmup_ratio)
         if self.seeds is not None and len(self.seeds) != self.num_experts:
             raise ValueError(
                 f"seeds has {len(self.seeds)} entries but num_experts={self.num_experts}: give one seed per expert "
@@ -172,7 +195,12 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
         return "full" if self.full_finetune else "lora"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings under their current names (what the manifest records; deprecated aliases left out)."""
+        return {k: v for k, v in asdict(self).items() if k not in DEPRECATED_NAMES}
+
+
+# Deprecated field -> the field it is an alias of.
+DEPRECATED_NAMES = deprecated_aliases(ExpertTrainingConfig)
 
 
 # ============================================================================================== anchor identity
@@ -240,7 +268,8 @@ def train_expert(
 
     Saves ``bank_dir/expert-<index>/epoch-<e>/`` after every epoch (main process) and returns the manifest record
     ``{"name", "seed", "epochs": [{"epoch", "path", "train_loss", "validation"}]}`` with the trained encoder.
-    ``validation`` is ``(pixels, text_features, caption_to_image)``.
+    ``validation`` is ``(pixels, text_features, caption_to_image)``. Progress and metrics (``expert-<index>/...``)
+    go to a progress bar, the log and ``accelerator``'s trackers (:class:`~mdm_hf.training.TrainingLog`).
     """
 
     seed = config.expert_seeds[index]
@@ -265,6 +294,8 @@ def train_expert(
     dataset = CaptionedImages(train_data, encoder, train_features, train_pixels, seed)
     name = f"expert-{index}"
     record = {"name": name, "seed": seed, "epochs": []}
+    training_log = TrainingLog(accelerator, description=name, prefix=f"{name}/", run_index=index,
+                               logging_steps=config.logging_steps, disable_tqdm=config.disable_tqdm)  # fmt: skip
 
     def on_epoch_end(epoch: int, loss: float) -> None:
         path = bank_dir / name / f"epoch-{epoch}"
@@ -276,16 +307,17 @@ def train_expert(
                 _save_full_epoch(model, path, full_finetune_parameters(anchor), anchor)
             if validation is not None:
                 entry["validation"] = evaluate_recall(encoder, *validation)
+                training_log.log({f"eval/{k}": v for k, v in entry["validation"].items()})
             logger.info("%s epoch %d: loss %.4f %s", name, epoch, loss, entry.get("validation", ""))
         record["epochs"].append(entry)
         accelerator.wait_for_everyone()
 
     run_contrastive_training(
         accelerator, ContrastiveObjective(encoder), dataset, learning_rate=config.learning_rate,
-        batch_size=config.per_device_train_batch_size, num_epochs=config.num_epochs,
+        batch_size=config.per_device_train_batch_size, num_train_epochs=config.num_train_epochs,
         weight_decay=config.weight_decay, lr_scheduler_type=config.lr_scheduler_type,
         warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm, num_workers=config.num_workers,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=on_epoch_end, training_log=training_log,
     )  # fmt: skip
     return record, encoder
 
@@ -317,14 +349,22 @@ def train_expert_bank(
 
     Works under ``accelerate launch`` (multi-process data parallel): every process trains on its shard, the main
     process writes the checkpoints, the manifest and the card. Returns the bank directory.
+
+    With ``config.report_to``, the whole bank is one tracker run (:data:`TRACKER_PROJECT`; TensorBoard writes it
+    in ``output_dir/mdm-experts``): metric names carry the expert (``expert-1/train/loss``) and expert ``i``'s
+    steps follow expert ``i - 1``'s, as the steps of one long run. One run per bank rather than per expert
+    because an accelerator holds one set of trackers, and because a resumed bank then logs where an
+    uninterrupted one would. A given ``accelerator`` needs ``log_with=trackers(config.report_to)`` for that.
     """
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or Accelerator(log_with=trackers(config.report_to), project_dir=config.output_dir)
     out = Path(config.output_dir)
     previous = read_manifest(out) if config.resume and (out / MANIFEST_NAME).is_file() else None
     if previous is None:
         _clear_unfinished_experts(out, config.resume, acc)  # a first expert cut off leaves no manifest
-        prepare_output_dir(out, owned=owns_bank_entry, overwrite=config.overwrite_output_dir, accelerator=acc)
+        prepare_output_dir(
+            out, owned=owns_bank_output, overwrite=config.overwrite_output_dir, accelerator=acc
+        )
     if anchor is None:
         anchor = DualEncoder.from_pretrained(
             config.model_name_or_path, config.model_revision, config.text_pooling, config.trust_remote_code
@@ -335,6 +375,7 @@ def train_expert_bank(
     if previous is not None:
         manifest["experts"] = _resumable_experts(previous, manifest, config)
         logger.info("Resuming the bank in %s: %d expert(s) kept.", out, len(manifest["experts"]))
+    start_trackers(acc, config.report_to, TRACKER_PROJECT, config.to_dict())
     for index in range(len(manifest["experts"]), config.num_experts):
         if acc.is_main_process:
             shutil.rmtree(out / f"expert-{index}", ignore_errors=True)  # epochs of a run that was cut off
@@ -347,6 +388,7 @@ def train_expert_bank(
             write_json_atomic(out / MANIFEST_NAME, manifest)
     if acc.is_main_process:
         write_bank_card(out, manifest)
+    finish_trackers(acc)
     acc.wait_for_everyone()
     return out
 
@@ -384,7 +426,7 @@ def _new_manifest(config: ExpertTrainingConfig, anchor: DualEncoder, train, vali
         },
         "trained_parameters": full_finetune_parameters(anchor) if config.full_finetune else None,
         "seeds": config.expert_seeds,
-        "num_epochs": config.num_epochs,
+        "num_epochs": config.num_train_epochs,  # the manifest's own key (a file format, not a flag)
         "dataset": {"name": config.dataset_name, "revision": config.dataset_revision, "split": config.train_split,
                     "validation_split": config.validation_split, "num_images": train.num_images,
                     "num_captions": train.num_captions, "fingerprint": train.fingerprint, "license": train.license},
@@ -396,16 +438,34 @@ def _new_manifest(config: ExpertTrainingConfig, anchor: DualEncoder, train, vali
 
 # settings that may change between an interrupted run and its resumption (they do not change the experts)
 RESUME_FREE_SETTINGS = ("num_experts", "seeds", "resume", "overwrite_output_dir", "num_workers", "push_to_hub",
-                        "hub_model_id", "hub_private", "cache_dir", "output_dir")  # fmt: skip
+                        "hub_model_id", "hub_private", "cache_dir", "output_dir", "logging_steps", "report_to",
+                        "disable_tqdm")  # fmt: skip
+
+
+def owns_bank_output(path: Path) -> bool:
+    """An entry of a bank folder written by :func:`train_expert_bank`: the bank's own files
+    (:func:`~mdm_hf.bank.owns_bank_entry`) and its tracker logs."""
+    return owns_bank_entry(path) or (path.name == TRACKER_PROJECT and path.is_dir())
+
+
+def _current_setting_names(training: dict) -> dict:
+    """A manifest's ``training`` settings under today's names: a bank made before a flag was renamed (``num_epochs``
+    -> ``num_train_epochs``) resumes like one made after."""
+    current = {k: v for k, v in training.items() if k not in DEPRECATED_NAMES}
+    for old, new in DEPRECATED_NAMES.items():
+        if training.get(old) is not None:
+            current.setdefault(new, training[old])
+    return current
 
 
 def _clear_unfinished_experts(out: Path, resume: bool, accelerator) -> None:
-    """With ``resume`` and no manifest yet, the folder can only hold the first expert's cut-off epochs."""
+    """With ``resume`` and no manifest yet, the folder can only hold the first expert's cut-off epochs (and the
+    tracker logs of that run)."""
     if not resume or not out.is_dir():
         return
-    if all(p.is_dir() and p.name.startswith("expert-") for p in out.iterdir()):
+    if all(p.is_dir() and (p.name.startswith("expert-") or p.name == TRACKER_PROJECT) for p in out.iterdir()):
         if accelerator.is_main_process:
-            for p in out.iterdir():
+            for p in out.iterdir():  # the expert is redone from its first step, and so are its logs
                 shutil.rmtree(p)
         accelerator.wait_for_everyone()
 
@@ -421,7 +481,8 @@ def _resumable_experts(previous: dict, manifest: dict, config: ExpertTrainingCon
         differ.append("anchor")
     if previous["dataset"].get("fingerprint") != manifest["dataset"].get("fingerprint"):
         differ.append("dataset")
-    before, now = previous.get("training", {}), manifest["training"]
+    before = _current_setting_names(previous.get("training", {}))
+    now = _current_setting_names(manifest["training"])
     differ += [f"training.{k}" for k in sorted(set(before) | set(now))
                if k not in RESUME_FREE_SETTINGS and before.get(k) != now.get(k)]  # fmt: skip
     done = previous["experts"]

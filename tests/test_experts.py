@@ -4,6 +4,7 @@ weights merged by hand with ``model_stock_merge`` (an independent path from the 
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,73 @@ def test_config_rejects_inconsistent_values():
     assert ExpertTrainingConfig(num_experts=3, seed=5).expert_seeds == [5, 6, 7]
 
 
+@pytest.mark.parametrize("cls", ["experts", "anchor"])
+def test_old_flag_names_still_work_with_a_warning(cls, tmp_path, caplog):
+    """num_epochs -> num_train_epochs (and experts' revision -> model_revision), as TrainingArguments names them:
+    the old name works as a CLI flag, a YAML key and a Python keyword, with a warning; two values are refused."""
+    from mdm_hf.anchor import AnchorPretrainingConfig
+    from mdm_hf.config import parse_dataclass_args
+
+    config_cls = ExpertTrainingConfig if cls == "experts" else AnchorPretrainingConfig
+    required = [] if cls == "experts" else ["--dataset_name", "x"]
+    with caplog.at_level("WARNING", logger="mdm_hf.config"):
+        parsed = parse_dataclass_args(config_cls, [*required, "--num_epochs", "3"])
+    assert (parsed.num_train_epochs, parsed.num_epochs) == (3, None)
+    assert "--num_epochs is deprecated; use --num_train_epochs" in caplog.text
+    yaml_file = tmp_path / "old.yaml"
+    yaml_file.write_text("num_epochs: 2\n")
+    assert parse_dataclass_args(config_cls, ["--config", str(yaml_file), *required]).num_train_epochs == 2
+    keyword = {} if cls == "experts" else {"dataset_name": "x"}
+    assert config_cls(num_epochs=4, **keyword).num_train_epochs == 4
+    assert (
+        config_cls(num_epochs=4, num_train_epochs=4, **keyword).num_train_epochs == 4
+    )  # the same value twice
+    with pytest.raises(ValueError, match="--num_epochs=3 and --num_train_epochs=4: .* give the value once"):
+        parse_dataclass_args(config_cls, [*required, "--num_epochs", "3", "--num_train_epochs", "4"])
+    with pytest.raises(ValueError, match="deprecated alias of --num_train_epochs"):
+        config_cls(num_epochs=3, num_train_epochs=4, **keyword)
+    if cls == "experts":
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mdm_hf.config"):
+            config = parse_dataclass_args(ExpertTrainingConfig, ["--revision", "v1"])
+        assert (config.model_revision, config.revision) == (
+            "v1",
+            None,
+        ) and "--revision is deprecated" in caplog.text
+        assert ExpertTrainingConfig(revision="v2").model_revision == "v2"
+        with pytest.raises(ValueError, match="deprecated alias of --model_revision"):
+            ExpertTrainingConfig(revision="v1", model_revision="v2")
+        assert not {"num_epochs", "revision"} & set(config.to_dict())  # the manifest records today's names
+
+
+def test_help_lists_the_choices_and_wrong_choices_are_refused(capsys):
+    from mdm_hf.anchor import AnchorPretrainingConfig
+    from mdm_hf.config import parse_dataclass_args
+
+    schedules = "{constant,constant_with_warmup,linear,cosine,cosine_with_restarts,polynomial,inverse_sqrt}"
+    for config_cls in (ExpertTrainingConfig, AnchorPretrainingConfig):
+        with pytest.raises(SystemExit):
+            parse_dataclass_args(config_cls, ["--help"])
+        shown = capsys.readouterr().out
+        assert (
+            f"--lr_scheduler_type {schedules}" in shown
+            and "--report_to" in shown
+            and "--disable_tqdm" in shown
+        )
+        assert "--num_epochs NUM_EPOCHS" in shown and "Deprecated alias of --num_train_epochs." in " ".join(
+            shown.split()
+        )
+    assert "--text_pooling {mean,pooler,last}" in shown  # the anchor's
+    with pytest.raises(
+        ValueError, match="lr_scheduler_type='cosine_with_min_lr' .*expected one of 'constant'"
+    ):
+        ExpertTrainingConfig(lr_scheduler_type="cosine_with_min_lr")  # needs kwargs the configs do not pass
+    with pytest.raises(ValueError, match="constant schedule has no warm-up.*constant_with_warmup"):
+        ExpertTrainingConfig(warmup_ratio=0.1)
+    with pytest.raises(ValueError, match="wrong type for text_pooling='auto'"):
+        AnchorPretrainingConfig(dataset_name="x", text_pooling="auto")
+
+
 # ---------------------------------------------------------------------------------------------- bank format
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_bank_layout_manifest_and_card(family, banks, tiny_model_dirs):
@@ -143,13 +211,73 @@ def test_interrupted_bank_resumes_to_the_uninterrupted_one(
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     with pytest.raises(ValueError, match="already has 2 experts"):
         experts_main([*args, "--resume", "true", "--num_experts", "1"])
-    # cut off inside the first expert: no manifest yet, only its epochs -> they are redone
+    # a bank written before num_epochs was renamed (and before the logging settings) resumes all the same
+    manifest = json.loads((out / "manifest.json").read_text())
+    training = manifest["training"]
+    training["num_epochs"] = training.pop("num_train_epochs")
+    for new_setting in ("logging_steps", "report_to", "disable_tqdm"):
+        del training[new_setting]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert experts_main([*args, "--resume", "true"]) == 0  # refused as "other training.num_epochs" otherwise
+    # cut off inside the first expert: no manifest yet, only its epochs (and its tracker logs) -> they are redone
     first = tmp_path / "first"
     (first / "expert-0" / "epoch-1").mkdir(parents=True)
+    (first / "mdm-experts").mkdir()
     args = _tiny_args(
         tiny_model_dirs["clip"], tiny_dataset_dir, first, "--num_experts", "1", "--resume", "true"
     )
     assert experts_main(args) == 0 and len(read_manifest(first)["experts"]) == 1
+    assert not (first / "mdm-experts").exists()  # the cut-off expert is redone, and so are its logs
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of the TensorBoard event files in ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_logs_the_bank_as_one_run(
+    tiny_clip_dir, tiny_dataset_dir, tmp_path, caplog, capfd
+):
+    """2 experts x 2 epochs x 2 steps: every step's loss, learning rate and epoch, each epoch's loss and recall, in
+    one run whose steps continue from expert to expert; the values agree with the manifest and a hand-worked
+    linear schedule; log lines round floats; the progress bar shows on the main process."""
+    from mdm_hf.checkpointing import prepare_output_dir
+    from mdm_hf.experts import owns_bank_output
+
+    out = tmp_path / "bank"
+    args = _tiny_args(tiny_clip_dir, tiny_dataset_dir, out, "--report_to", "tensorboard", "--logging_steps", "1",
+                      "--lr_scheduler_type", "linear")  # fmt: skip
+    with caplog.at_level("INFO", logger="mdm_hf.training"):
+        assert experts_main(args) == 0
+    assert "expert-1: 100%" in capfd.readouterr().err
+    scalars, manifest = _scalars(out / "mdm-experts"), read_manifest(out)
+    for index, expert in enumerate(manifest["experts"]):
+        tag = f"expert-{index}/"
+        steps = [4 * index + s for s in (1, 2, 3, 4)]  # expert 1 continues where expert 0 ended
+        assert [s for s, _ in scalars[tag + "train/loss"]] == steps
+        assert [v for _, v in scalars[tag + "train/learning_rate"]] == pytest.approx(
+            [0.0075, 0.005, 0.0025, 0.0]
+        )
+        assert scalars[tag + "train/epoch"] == list(zip(steps, [0.5, 1.0, 1.5, 2.0]))
+        losses = [v for _, v in scalars[tag + "train/loss"]]
+        epoch_losses = scalars[tag + "train/epoch_loss"]
+        assert [s for s, _ in epoch_losses] == [steps[1], steps[3]]
+        assert [v for _, v in epoch_losses] == pytest.approx(
+            [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2]
+        )
+        assert [v for _, v in epoch_losses] == pytest.approx([e["train_loss"] for e in expert["epochs"]])
+        assert [v for _, v in scalars[tag + "eval/mean"]] == pytest.approx(
+            [e["validation"]["mean"] for e in expert["epochs"]]
+        )
+    assert re.search(r"expert-1 step 5: train/loss \d\.\d{3}, train/learning_rate 0\.0075, train/epoch 0\.5$",
+                     caplog.text, re.MULTILINE)  # fmt: skip
+    assert owns_bank_output(out / "mdm-experts")  # --overwrite_output_dir may remove the logs with the bank
+    prepare_output_dir(out, owned=owns_bank_output, overwrite=True)
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
@@ -380,7 +508,7 @@ def _train_in_process(model_dir, dataset_dir, out_dir):
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2
     cfg = ExpertTrainingConfig(
-        model_name_or_path=model_dir, dataset_name=dataset_dir, num_experts=1, num_epochs=1, lora_r=4,
+        model_name_or_path=model_dir, dataset_name=dataset_dir, num_experts=1, num_train_epochs=1, lora_r=4,
         learning_rate=1e-2, per_device_train_batch_size=4, max_train_images=16, validation_split=None,
         output_dir=str(out_dir / "bank"),
     )  # fmt: skip
@@ -414,16 +542,30 @@ def test_two_process_data_parallel_keeps_ranks_in_sync(tiny_clip_dir, tiny_datas
 
 
 # ---------------------------------------------------------------------------------------------- anchor
-def test_anchor_pretraining_gives_a_loadable_checkpoint_with_lower_loss(tiny_dataset_dir, tmp_path):
-    from mdm_hf.anchor import AnchorPretrainingConfig, default_text_model_path, pretrain_anchor
+def test_anchor_pretraining_gives_a_loadable_checkpoint_with_lower_loss(tiny_dataset_dir, tmp_path, capfd):
+    from mdm_hf.anchor import (
+        AnchorPretrainingConfig,
+        default_text_model_path,
+        owns_anchor_file,
+        pretrain_anchor,
+    )
 
     cfg = AnchorPretrainingConfig(
         dataset_name=tiny_dataset_dir, train_split="train", validation_split="validation", image_size=32,
         patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        projection_dim=32, num_epochs=6, per_device_train_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
+        projection_dim=32, num_train_epochs=6, per_device_train_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
         grayscale_p=0.3, blur_p=0.3, output_dir=str(tmp_path / "anchor"), cache_dir=str(tmp_path / "cache"),
+        report_to="tensorboard", logging_steps=1, disable_tqdm=True,
     )  # fmt: skip
+    capfd.readouterr()
     result = pretrain_anchor(cfg)
+    assert "anchor:" not in capfd.readouterr().err  # disable_tqdm: no progress bar
+    scalars = _scalars(result.output_dir / "mdm-anchor")
+    assert [v for _, v in scalars["train/epoch_loss"]] == pytest.approx(result.epoch_losses)
+    assert [v for _, v in scalars["eval/mean"]] == pytest.approx([v["mean"] for v in result.validation])
+    steps_per_epoch = scalars["train/epoch_loss"][0][0]
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 6 * steps_per_epoch + 1))
+    assert owns_anchor_file(result.output_dir / "mdm-anchor")  # --overwrite_output_dir may remove the logs
     assert result.final_loss < result.initial_loss - 0.05, (result.initial_loss, result.final_loss)
     anchor = DualEncoder.from_pretrained(str(result.output_dir))
     assert anchor.family == "dual_encoder" and anchor.text_pooling == "mean"
@@ -456,3 +598,19 @@ def test_default_lora_targets_of_a_vit_bert_dual_encoder():
     hits = sorted(n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if re.fullmatch(regex, n))
     assert hits == ["k_proj", "o_proj", "q_proj", "v_proj"]  # the ViT attention of its one layer
     assert not any(n.startswith("text_model") for n, _ in model.named_modules() if re.fullmatch(regex, n))
+
+
+def test_a_vision_tower_without_known_attention_names_is_refused_with_its_linear_names():
+    from torch import nn
+
+    block = nn.Module()
+    block.qkv, block.proj = nn.Linear(4, 12), nn.Linear(4, 4)
+    model = nn.Module()
+    model.vision_model = nn.Module()
+    model.vision_model.encoder = nn.Module()
+    model.vision_model.encoder.layers = nn.ModuleList([block])
+    with pytest.raises(
+        ValueError, match=r"No default LoRA targets.*named \['proj', 'qkv'\]. Pass --target_modules"
+    ):
+        lora_target_regex(model)
+    assert lora_target_regex(model, ["qkv"]).endswith("(?:qkv)$")

@@ -429,7 +429,7 @@ def test_end_to_end_from_an_experts_full_finetune_bank(tiny, tmp_path):
 
     bank = train_expert_bank(
         ExpertTrainingConfig(model_name_or_path=tiny["model"], dataset_name=tiny["data"], full_finetune=True,
-                             num_experts=1, num_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
+                             num_experts=1, num_train_epochs=2, learning_rate=1e-3, per_device_train_batch_size=8,
                              validation_split=None, output_dir=str(tmp_path / "bank"),
                              cache_dir=str(tiny["root"] / "cache")),
         anchor=tiny["anchor"],

@@ -136,7 +136,7 @@ def test_experts_overwrite_never_removes_a_file_the_run_did_not_write(
     (out / "anchor.safetensors").write_bytes(
         b"the user's anchor"
     )  # the case: the anchor in the folder
-    args = _tiny_args(tiny_clip_dir, tiny_dataset_dir, out, "--num_experts", "1", "--num_epochs", "1")
+    args = _tiny_args(tiny_clip_dir, tiny_dataset_dir, out, "--num_experts", "1", "--num_train_epochs", "1")
     with pytest.raises(FileExistsError, match="anchor.safetensors"):
         experts_main([*args, "--overwrite_output_dir", "true"])
     assert (out / "anchor.safetensors").read_bytes() == b"the user's anchor"
