@@ -55,7 +55,8 @@ def _file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict | None]:
 def measured_tiny(num_experts: int, num_epochs: int) -> dict:
     """Train LoRA and full banks on the tiny models and measure bytes on disk."""
     from mdm_hf import testing
-    from mdm_hf.experts import ExpertTrainingConfig, bank_size_bytes, train_expert_bank
+    from mdm_hf.bank import bank_size_bytes
+    from mdm_hf.experts import ExpertTrainingConfig, train_expert_bank
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from .bank import load_expert_bank
-from .config import MDMConfig
+from .config import MDMConfig, trackers
 from .data import ImageCaptionSplit
 from .distill_loop import DistillState, SyntheticSetDistiller, ValidationFn
 from .losses import MDMLoss
@@ -36,6 +36,7 @@ from .merge import ExpertBank
 from .models import DualEncoder
 from .students import validation_hook
 from .support import SupportProjection
+from .training import finish_trackers, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ class MDMDistiller(SyntheticSetDistiller):
         text_features: torch.Tensor | None = None,
         pixel_cache: torch.Tensor | None = None,
     ) -> None:
-        log_with = None if config.report_to in ("none", "", None) else config.report_to
-        accelerator = accelerator or Accelerator(log_with=log_with, project_dir=config.output_dir)
+        accelerator = accelerator or Accelerator(
+            log_with=trackers(config.report_to), project_dir=config.output_dir
+        )
         super().__init__(
             config, validation_fn, accelerator, teacher=teacher, train_data=train_data,
             text_features=text_features, pixel_cache=pixel_cache,
@@ -353,14 +355,10 @@ class MDMDistiller(SyntheticSetDistiller):
         cfg = self.config
         if cfg.teacher_mode == "pooled":
             self.build_teacher_pool()
-        if cfg.report_to not in ("none", "", None):
-            self.accelerator.init_trackers(
-                "mdm", config={k: v for k, v in cfg.to_dict().items() if v is not None}
-            )
+        start_trackers(self.accelerator, cfg.report_to, "mdm", cfg.to_dict())
 
     def _after_loop(self) -> None:
-        if self.config.report_to not in ("none", "", None):
-            self.accelerator.end_training()
+        finish_trackers(self.accelerator)
 
     def _log(self, logs: dict, step: int) -> None:
         self.accelerator.log(logs, step=step)

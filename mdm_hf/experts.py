@@ -149,7 +149,9 @@ class ExpertTrainingConfig(ModelArguments, DatasetArguments):
     )
     push_to_hub: bool = _f(False, "Push the bank to the Hub at the end (needs hub_model_id).")
     hub_model_id: str | None = _f(None, "namespace/name of the model repo to push the bank to.")
-    hub_private: bool | None = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
+    hub_private: bool | None = _f(
+        False, "Create the Hub repo as private (default: the Hub's default, public)."
+    )
 
     # ---- earlier names (one name per concept across commands, as in TrainingArguments)
     revision: str | None = deprecated_alias("model_revision")

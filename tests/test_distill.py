@@ -205,3 +205,19 @@ def test_mixed_teachers_from_an_expert_bank(mode, tiny_clip_dir, tiny_dataset_di
     if mode == "pooled":
         assert len(distiller.pool) == 3
         assert distiller.pool[0]["zv"].shape[0] == distiller.train_data.num_captions
+
+
+def test_report_to_tensorboard_logs_the_losses(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    MDMDistiller(
+        tiny_config(tiny_clip_dir, tiny_dataset_dir, out, max_steps=10, report_to="tensorboard")
+    ).distill()
+    tags = set()
+    for path in out.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert any("loss" in tag for tag in tags), tags
