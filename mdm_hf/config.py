@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -48,9 +49,12 @@ _f = config_field
 def deprecated_alias(name: str):
     """A field that keeps an old flag / YAML key / keyword working: its value moves to ``name`` (with a warning) in
     :func:`resolve_deprecated_aliases`. One name per concept across commands, following ``TrainingArguments``."""
-    return field(
-        default=None, metadata={"help": f"Deprecated alias of --{name}.", "deprecated_alias_of": name}
-    )
+    # The mark lives in the help text: HfArgumentParser hands every other metadata key to argparse.
+    return field(default=None, metadata={"help": _ALIAS_HELP.format(name)})
+
+
+_ALIAS_HELP = "Deprecated alias of --{}."
+_ALIAS_PATTERN = re.compile(r"^Deprecated alias of --(\w+)\.$")
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -61,9 +65,11 @@ def resolve_deprecated_aliases(config) -> None:
     """Move every deprecated alias's value to its field (warning once per alias); refuse two different values."""
     fields = {f.name: f for f in dataclasses.fields(config)}
     for f in fields.values():
-        name, value = f.metadata.get("deprecated_alias_of"), getattr(config, f.name)
-        if name is None or value is None:
+        mark = _ALIAS_PATTERN.match(f.metadata.get("help", ""))
+        value = getattr(config, f.name)
+        if mark is None or value is None:
             continue
+        name = mark.group(1)
         current = getattr(config, name)
         if current != _field_default(fields[name]) and current != value:
             raise ValueError(
@@ -101,20 +107,34 @@ def check_field_types(config) -> None:
     )
 
 
-def parse_dataclass_args(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+def parse_dataclass_args(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    presets: dict[str, tuple[str, dict[str, Any]]] | None = None,
+    description: str | None = None,
+) -> T:
     """``--config file.yaml`` plus ``--field value`` overrides -> a dataclass instance (overrides win).
 
     Uses ``transformers.HfArgumentParser`` so every field's ``metadata["help"]`` becomes ``--help`` text.
+    ``presets`` maps a bare flag (``quick``) to its help and the field values it sets; the YAML file and the
+    other flags override a preset.
     """
     from transformers import HfArgumentParser  # heavy: only when a command line is parsed
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    for name in presets or {}:
+        pre.add_argument(f"--{name}", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(cls, prog=prog)
+    parser = HfArgumentParser(cls, prog=prog, description=description)
     parser.add_argument(
         "--config", default=None, help="YAML file with field: value pairs (CLI flags override)."
     )
+    for name, (help_text, values) in (presets or {}).items():
+        parser.add_argument(f"--{name}", action="store_true", help=help_text)
+        if getattr(known, name):
+            parser.set_defaults(**values)
     if known.config:
         values = load_yaml_config(known.config, cls)
         check_types(cls, values, known.config)
@@ -395,7 +415,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     num_workers: int = _f(0, "DataLoader workers for real images that are not cached.")
     push_to_hub: bool = _f(False, "Push the synthetic set to the Hub at the end (needs hub_dataset_id).")
     hub_dataset_id: str | None = _f(None, "namespace/name of the dataset repo to push to.")
-    hub_private: bool = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
+    hub_private: bool | None = _f(False, "Create the Hub repo as private (default: the Hub's default, public).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

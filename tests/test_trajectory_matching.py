@@ -251,8 +251,8 @@ def test_config_rejects_bad_values():
         TrajectoryMatchingConfig(syn_steps=2.5)
     with pytest.raises(ValueError, match=r"momentum=1\.5, weight_decay=-1\.0"):
         TrajectoryBufferConfig(momentum=1.5, weight_decay=-1.0)
-    with pytest.raises(ValueError, match="wrong type for num_epochs"):
-        TrajectoryBufferConfig(num_epochs="3")
+    with pytest.raises(ValueError, match="wrong type for num_train_epochs"):
+        TrajectoryBufferConfig(num_train_epochs="3")
     assert TrajectoryMatchingConfig(lr_text=0.0, lr_lr=0.0).lr_text == 0.0  # freezing is allowed
 
 
@@ -618,7 +618,7 @@ def test_command_line_records_a_buffer_and_distils_from_it(capsys, tiny_clip_dir
     common = ["--model_name_or_path", tiny_clip_dir, "--dataset_name", tiny_dataset_dir,
               "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
     buffer = tmp_path / "buffer"
-    assert main(["tm-buffer", *common, "--num_experts", "1", "--num_epochs", "2", "--batch_size", "8",
+    assert main(["tm-buffer", *common, "--num_experts", "1", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
                  "--max_validation_images", "8", "--output_dir", str(buffer)]) == 0  # fmt: skip
     manifest = read_manifest(buffer)
     assert manifest["training"]["optimizer"] == "sgd" and len(manifest["experts"][0]["epochs"]) == 2
