@@ -711,7 +711,7 @@ def _cost_lines(r: dict) -> list[str]:
             f"{trio('setup_seconds', '.1f')} |"
         )
     if lines[-1].startswith("|---"):  # no budget has its cost measured (a quality-only variant)
-        lines[-4:] = ["Not measured in this run (--skip_cost)."]
+        lines[-4:] = ["MDM and TM (LoRS) not both measured in this run (--skip_cost or --methods)."]
     both = [(k, e["cost"]) for k, e in r["budgets"].items() if {"tm", "repblend"} <= set(e.get("cost", {}))]
     if both:
         lines += ["", "RepBlend (projection-only trajectories + blending) next to LoRS, the same way:", "",

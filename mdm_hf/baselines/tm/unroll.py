@@ -14,7 +14,8 @@ every pass over step ``i``, so whatever was drawn with it -- RepBlend's blend --
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,6 +41,21 @@ def _math_attention():
     backward, which the unrolled steps (gradients of gradients) need. Forward values are the same up to rounding."""
 
     return sdpa_kernel(SDPBackend.MATH)
+
+
+@contextmanager
+def _not_requiring_grad(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The leaf tensors among ``tensors`` stop requiring grad for the duration: a pass that is never differentiated
+    w.r.t. them builds no graph to them (TESLA's first pass; with projection-only trajectories, the frozen image
+    encoder's activations would otherwise be recorded for nothing)."""
+    leaves = [t for t in tensors if t.is_leaf and t.requires_grad]
+    for t in leaves:
+        t.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for t in leaves:
+            t.requires_grad_(True)
 
 
 def sgd_unroll(
@@ -114,17 +130,17 @@ def _trajectory_without_graph(
     params: Mapping[str, torch.Tensor],
     step_sizes: Mapping[str, torch.Tensor],
     batches: Sequence[Any],
+    inputs: Sequence[torch.Tensor] = (),
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """TESLA's first pass: ``([θ_0 .. θ_{N-1}], θ_N, Σ_i g_i)``, all detached."""
+    """TESLA's first pass: ``([θ_0 .. θ_{N-1}], θ_N, Σ_i g_i)``, all detached; no graph reaches ``inputs``."""
     names = list(params)
     trajectory, grad_sum = [], {n: torch.zeros_like(params[n]) for n in names}
     current = {n: params[n].detach() for n in names}
     for batch in batches:
         trajectory.append(current)
         leaves = {n: current[n].detach().requires_grad_(True) for n in names}
-        with (
-            _math_attention()
-        ):  # the kernel of the second pass, so it recomputes this step's forward bit for bit
+        # the second pass's attention kernel, so that it recomputes this forward bit for bit
+        with _math_attention(), _not_requiring_grad(inputs):
             loss = loss_fn(leaves, batch)
         grads = _grads(loss, [leaves[n] for n in names], create_graph=False)
         with torch.no_grad():
@@ -144,7 +160,7 @@ def _tesla_gradients(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """:func:`unrolled_matching_gradients` with ``mode="tesla"``: one step's graph at a time."""
     names = list(params)
-    trajectory, current, grad_sum = _trajectory_without_graph(loss_fn, params, step_sizes, batches)
+    trajectory, current, grad_sum = _trajectory_without_graph(loss_fn, params, step_sizes, batches, inputs)
     end = {n: t.detach().requires_grad_(True) for n, t in current.items()}
     loss = meta_loss(end)
     d_end = dict(zip(names, _grads(loss, [end[n] for n in names], create_graph=False)))
