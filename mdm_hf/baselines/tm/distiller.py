@@ -42,7 +42,7 @@ from torch.func import functional_call
 from ... import __version__
 from ...distill_loop import SyntheticSetDistiller, ValidationFn
 from ...models import DualEncoder
-from .blending import BlendedDualEncoder, SyntheticMiniBatch, draw_blend
+from .blending import Blend, BlendedDualEncoder, SyntheticMiniBatch, draw_blend
 from .buffer import TrajectoryBuffer, branch_of
 from .config import TrajectoryMatchingConfig
 from .losses import FullSimilarity, LowRankSimilarity, normalized_parameter_distance, soft_contrastive_loss
@@ -153,9 +153,10 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
                 else "Use it with --preset repblend (or --trainable projections), or record a full buffer with "
                 "`mdm-hf tm-buffer --trainable full`."
             )
+            where = getattr(self.buffer, "directory", cfg.trajectory_buffer)
             raise ValueError(
-                f"The trajectory buffer '{getattr(self.buffer, 'directory', '')}' records {_COVERS[self.buffer.trainable]}"
-                f", but this run (preset={cfg.preset!r}, trainable={cfg.trainable!r}) matches trajectories of "
+                f"The trajectory buffer '{where}' records {_COVERS[self.buffer.trainable]}, but this run "
+                f"(preset={cfg.preset!r}, trainable={cfg.trainable!r}) matches trajectories of "
                 f"{_COVERS[cfg.trainable]}. {fix}"
             )
         shortest = min(self.buffer.num_epochs(i) for i in range(self.buffer.num_experts))
@@ -255,7 +256,7 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         params: Mapping[str, torch.Tensor],
         pixels: torch.Tensor,
         text_features: torch.Tensor,
-        blend=None,
+        blend: Blend | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_v, z_t)`` of the teacher with its trained tensors replaced by ``params`` (``functional_call``), the
         features blended by ``blend`` (a :class:`~.blending.Blend`) before the projections when one is given."""
