@@ -3,6 +3,7 @@
     python benchmarks/tm_vs_mdm.py                 # K = 100 200 500 at 48 px: hours on 2 CPU cores
     python benchmarks/tm_vs_mdm.py --quick         # smoke run: 32 px, K = 20, few steps (results *_quick.*)
     python benchmarks/tm_vs_mdm.py --budgets 100 --mdm_steps 200 --tm_steps 600 --student_seeds 3
+    python benchmarks/tm_vs_mdm.py --quick --tm_presets lors repblend   # RepBlend next to LoRS
 
 Per budget K, in ONE run on the same machine, from the same anchor, data and student protocol:
 
@@ -25,7 +26,9 @@ TM's hyper-parameters are the library's ``preset="lors"``: LoRS' Flickr30k scrip
 (:data:`mdm_hf.baselines.tm.LORS_PRESETS`) with the stability changes of :data:`mdm_hf.baselines.tm.TM_STABILITY`
 (``--tm_faithful``: ``preset="lors_faithful"``, without them), and LoRS' constant-memory TESLA unrolling
 (``--tm_unroll full`` for MTT's exact unrolling). MDM runs the paper's fresh mixed
-teacher per iteration (``--mdm_teacher_mode pooled`` for the faster cached mode).
+teacher per iteration (``--mdm_teacher_mode pooled`` for the faster cached mode). ``--tm_presets lors repblend`` adds
+RepBlend (``preset="repblend"``, fitted the same way) as a third distiller, ``repblend`` / "TM (RepBlend)", on its own
+buffer of projection-only SGD trajectories (same experts, epochs and learning rate).
 
 Results: ``benchmarks/results/tm_vs_mdm.json`` (machine, versions, command, config, every figure) and
 ``tm_vs_mdm.md`` (``--results_dir`` for another folder). Results name each distilled set by what made it:
@@ -53,7 +56,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # per-iteration cost is measured for TM and for MDM in both teacher modes: fresh (the paper's) and pooled (ours)
-COST_VARIANTS = ("mdm_fresh", "mdm_pooled", "tm")
+COST_VARIANTS = ("mdm_fresh", "mdm_pooled", "tm", "repblend")
+# the trajectory-matching distillers by library preset: the result key of each (LoRS keeps the historical "tm")
+TM_METHODS = {"lors": "tm", "repblend": "repblend"}
 
 
 # ============================================================================================== measuring helpers
@@ -222,8 +227,11 @@ def _stale(directory: Path, **expected) -> bool:
     return any(found[k] != v for k, v in expected.items())
 
 
-def _record_buffer(args, demo, data_dir: Path, anchor_dir: Path, buffer: Path) -> Path:
-    """TM's SGD trajectory buffer from the anchor on T train, with per-epoch validation recall."""
+def _record_buffer(
+    args, demo, data_dir: Path, anchor_dir: Path, buffer: Path, trainable: str = "full"
+) -> Path:
+    """TM's SGD trajectory buffer from the anchor on T train, with per-epoch validation recall (``trainable``:
+    ``"projections"`` for RepBlend's)."""
     from mdm_hf.baselines.tm import record_trajectory_buffer
     from mdm_hf.data import cached_text_features, load_image_caption_dataset, preprocess_split_images
     from mdm_hf.models import DualEncoder
@@ -239,6 +247,7 @@ def _record_buffer(args, demo, data_dir: Path, anchor_dir: Path, buffer: Path) -
     return record_trajectory_buffer(
         anchor, train, buffer, num_experts=demo.num_experts, num_epochs=demo.expert_epochs,
         learning_rate=args.buffer_lr, batch_size=64, seed=demo.seed, validation=validation, overwrite=True,
+        trainable=trainable,
     )  # fmt: skip
 
 
@@ -272,6 +281,20 @@ def prepare(args, demo, work: Path) -> dict:
     buffer = work / "trajectory_buffer"
     if _stale(buffer, experts=demo.num_experts, epochs=demo.expert_epochs, lr=args.buffer_lr):
         timed("trajectory_buffer", _record_buffer, args, demo, data_dir, anchor_dir, buffer)
+    projection_buffer = work / "trajectory_buffer_projections"
+    if "repblend" in args.tm_presets and _stale(
+        projection_buffer, experts=demo.num_experts, epochs=demo.expert_epochs, lr=args.buffer_lr
+    ):
+        timed(
+            "projection_buffer",
+            _record_buffer,
+            args,
+            demo,
+            data_dir,
+            anchor_dir,
+            projection_buffer,
+            "projections",
+        )
     first_lora = next((bank / "expert-0" / "epoch-1").glob("*.safetensors"))
     storage = {
         "lora_bank_bytes": bank_size_bytes(bank), "trajectory_buffer_bytes": bank_size_bytes(buffer),
@@ -284,46 +307,68 @@ def prepare(args, demo, work: Path) -> dict:
         "lora": [[e.get("validation", {}).get("mean") for e in x["epochs"]] for x in read_manifest(bank)["experts"]],
         "sgd_trajectory": [[e.get("validation", {}).get("mean") for e in x["epochs"]] for x in read_manifest(buffer)["experts"]],
     }  # fmt: skip
-    return {"data_dir": str(data_dir), "anchor": str(anchor_dir), "lora_bank": str(bank), "buffer": str(buffer),
-            "seconds": seconds, "storage": storage, "expert_validation_mean_recall_at_1": experts}  # fmt: skip
+    paths = {
+        "data_dir": str(data_dir),
+        "anchor": str(anchor_dir),
+        "lora_bank": str(bank),
+        "buffer": str(buffer),
+    }
+    if "repblend" in args.tm_presets:
+        paths["projection_buffer"] = str(projection_buffer)
+        storage.update(
+            projection_buffer_bytes=bank_size_bytes(projection_buffer),
+            projection_checkpoint_bytes=(projection_buffer / "expert-0" / "epoch-1" / "model.safetensors").stat().st_size,
+        )  # fmt: skip
+        storage["projection_buffer_over_buffer"] = (
+            storage["projection_buffer_bytes"] / storage["trajectory_buffer_bytes"]
+        )
+        experts["sgd_projection_trajectory"] = [[e.get("validation", {}).get("mean") for e in x["epochs"]]
+                                                for x in read_manifest(projection_buffer)["experts"]]  # fmt: skip
+    return {**paths, "seconds": seconds, "storage": storage, "expert_validation_mean_recall_at_1": experts}
 
 
 def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
     """MDMConfig / TrajectoryMatchingConfig values for budget ``k`` (plain dicts: they cross process boundaries).
 
-    TM runs the library's preset ("lors", or "lors_faithful" with ``--tm_faithful``); its values are written out
-    explicitly so the results record every setting, and two are fitted to EmojiCaps: the start epoch to the
-    buffer's length, the mini-batch to ``k``.
+    Each TM method runs the library's preset of ``--tm_presets`` ("lors" / "repblend", or their "_faithful" forms
+    with ``--tm_faithful``); its values are written out explicitly so the results record every setting, and two are
+    fitted to EmojiCaps: the start epoch to the buffer's length, the mini-batch to ``k``. RepBlend reads the
+    projection-only buffer.
     """
-    from mdm_hf.baselines.tm import lors_budget, lors_preset
+    from mdm_hf.baselines.tm import lors_budget, preset_values
 
     common = dict(model_name_or_path=paths["anchor"], dataset_name=paths["data_dir"], train_split="train",
                   num_pairs=k, save_steps=0, overwrite_output_dir=True, seed=demo.seed, logging_steps=0)  # fmt: skip
     mdm = dict(common, expert_bank=paths["lora_bank"], teacher_mode=args.mdm_teacher_mode, real_batch_size=256,
                syn_batch_size=min(64, k), lr_pixels=demo.lr_pixels, lr_text=demo.lr_text, init="kmeans",
                max_steps=args.mdm_steps, eval_steps=args.eval_steps, output_dir=str(work / f"mdm-{k}{args.tag}"))  # fmt: skip
-    preset = lors_preset(k, faithful=args.tm_faithful)
-    preset["max_start_epoch"] = min(
-        preset["max_start_epoch"], demo.expert_epochs - preset["expert_epochs"] + 1
-    )
-    preset["mini_batch_size"] = min(preset["mini_batch_size"], k)
-    tm = {**common, "preset": "lors_faithful" if args.tm_faithful else "lors", **preset,
-          "trajectory_buffer": paths["buffer"], "unroll": args.tm_unroll, "max_steps": args.tm_steps,
-          "eval_steps": args.eval_steps, "output_dir": str(work / f"tm-{k}{args.tag}")}  # fmt: skip
-    tm.update(args.tm_override or {})
     mdm.update(args.mdm_override or {})
-    return {"mdm": mdm, "tm": tm, "lors_preset_budget": lors_budget(k)}
+    out = {"mdm": mdm, "lors_preset_budget": lors_budget(k)}
+    for name in args.tm_presets:
+        preset = f"{name}_faithful" if args.tm_faithful else name
+        values = preset_values(preset, k)
+        values["max_start_epoch"] = min(
+            values["max_start_epoch"], demo.expert_epochs - values["expert_epochs"] + 1
+        )
+        values["mini_batch_size"] = min(values["mini_batch_size"], k)
+        method = TM_METHODS[name]
+        buffer = paths["projection_buffer"] if values["trainable"] == "projections" else paths["buffer"]
+        out[method] = {**common, "preset": preset, **values, "trajectory_buffer": buffer, "unroll": args.tm_unroll,
+                       "max_steps": args.tm_steps, "eval_steps": args.eval_steps,
+                       "output_dir": str(work / f"{method}-{k}{args.tag}")}  # fmt: skip
+        out[method].update(args.tm_override or {})
+    return out
 
 
 # what the benchmark's tables call each distilled set (students.method_label would name TM's by its provenance)
-SET_LABELS = {"mdm": "MDM", "tm": "TM (LoRS)"}
+SET_LABELS = {"mdm": "MDM", "tm": "TM (LoRS)", "repblend": "TM (RepBlend)"}
 
 
 def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_full: bool) -> dict:
-    """Students on the distilled sets (MDM, TM) and the coresets: one protocol, the same seeds.
+    """Students on the distilled sets (MDM, TM, RepBlend) and the coresets: one protocol, the same seeds.
 
     Each distilled set is the students' method ``"synthetic"`` (trained on that set); its row is labelled by what
-    made it (:data:`SET_LABELS`). TM's students are written to ``students-<k>-tm/student_synthetic.json``.
+    made it (:data:`SET_LABELS`). TM's students are written to ``students-<k>-<method>/student_synthetic.json``.
     """
     from mdm_hf.demo import student_config
     from mdm_hf.students import compare_methods, evaluate_student
@@ -339,12 +384,14 @@ def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_
         rows = [dataclasses.replace(r, label=SET_LABELS["mdm"]) if r.method == "synthetic" else r
                 for r in comparison.rows]  # fmt: skip
         protocol, notes = comparison.protocol, comparison.notes
-    if "tm" in sets:
+    position = 1 if "mdm" in sets else 0
+    for method in [m for m in TM_METHODS.values() if m in sets]:
         tm_sc = dataclasses.replace(
-            sc, method="synthetic", output_dir=str(work / f"students-{k}-tm{args.tag}")
+            sc, method="synthetic", output_dir=str(work / f"students-{k}-{method}{args.tag}")
         )
-        tm = evaluate_student(tm_sc, SyntheticSet.from_pretrained(sets["tm"]))
-        rows.insert(1 if "mdm" in sets else 0, dataclasses.replace(tm.row, label=SET_LABELS["tm"]))
+        tm = evaluate_student(tm_sc, SyntheticSet.from_pretrained(sets[method]))
+        rows.insert(position, dataclasses.replace(tm.row, label=SET_LABELS[method]))
+        position += 1
         protocol = protocol or tm.protocol
     return {"protocol": protocol, "rows": [r.to_dict() for r in rows], "notes": notes}
 
@@ -369,19 +416,30 @@ def _run_pool(fn, specs: list[dict], jobs: int):
 
 
 def _ratios(entry: dict) -> None:
-    """TM over MDM: per-iteration seconds (MDM fresh, as in the paper, and pooled), memory, time to 95 %."""
-    cost, qm, qt = entry["cost"], entry.get("quality_mdm", {}), entry.get("quality_tm", {})
-    tm = cost.get("tm", {})
-    entry["ratios"] = {
-        "tm_over_mdm_seconds_to_95pct": _ratio(qt.get("seconds_to_95pct"), qm.get("seconds_to_95pct")),
-        "tm_over_mdm_iterations_to_95pct": _ratio(qt.get("steps_to_95pct"), qm.get("steps_to_95pct")),
-    }
-    for mode in ("fresh", "pooled"):
-        mdm = cost.get(f"mdm_{mode}", {})
+    """TM (and RepBlend) over MDM: per-iteration seconds (MDM fresh, as in the paper, and pooled), memory, time to
+    95 %; RepBlend over TM (LoRS) per iteration."""
+    cost, qm = entry["cost"], entry.get("quality_mdm", {})
+    entry["ratios"] = {}
+    for method in TM_METHODS.values():
+        tm, qt = cost.get(method, {}), entry.get(f"quality_{method}", {})
+        if method != "tm" and not (tm or qt):
+            continue  # RepBlend not run: no keys for it
         entry["ratios"].update({
-            f"tm_over_mdm_{mode}_seconds_per_iteration": _ratio(tm.get("seconds_per_iteration"), mdm.get("seconds_per_iteration")),
-            f"tm_over_mdm_{mode}_autograd_saved_peak": _ratio(tm.get("autograd_saved_peak_mb"), mdm.get("autograd_saved_peak_mb")),
-            f"tm_over_mdm_{mode}_loop_rss_above_setup": _ratio(tm.get("loop_rss_above_setup_mb"), mdm.get("loop_rss_above_setup_mb")),
+            f"{method}_over_mdm_seconds_to_95pct": _ratio(qt.get("seconds_to_95pct"), qm.get("seconds_to_95pct")),
+            f"{method}_over_mdm_iterations_to_95pct": _ratio(qt.get("steps_to_95pct"), qm.get("steps_to_95pct")),
+        })  # fmt: skip
+        for mode in ("fresh", "pooled"):
+            mdm = cost.get(f"mdm_{mode}", {})
+            entry["ratios"].update({
+                f"{method}_over_mdm_{mode}_seconds_per_iteration": _ratio(tm.get("seconds_per_iteration"), mdm.get("seconds_per_iteration")),
+                f"{method}_over_mdm_{mode}_autograd_saved_peak": _ratio(tm.get("autograd_saved_peak_mb"), mdm.get("autograd_saved_peak_mb")),
+                f"{method}_over_mdm_{mode}_loop_rss_above_setup": _ratio(tm.get("loop_rss_above_setup_mb"), mdm.get("loop_rss_above_setup_mb")),
+            })  # fmt: skip
+    if "repblend" in cost:
+        rb, tm = cost["repblend"], cost.get("tm", {})
+        entry["ratios"].update({
+            "repblend_over_tm_seconds_per_iteration": _ratio(rb.get("seconds_per_iteration"), tm.get("seconds_per_iteration")),
+            "repblend_over_tm_autograd_saved_peak": _ratio(rb.get("autograd_saved_peak_mb"), tm.get("autograd_saved_peak_mb")),
         })  # fmt: skip
 
 
@@ -421,7 +479,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mdm_override", type=json.loads, default=None,
                         help='JSON of MDMConfig values for a variant, e.g. \'{"lr_pixels": 10}\'')  # fmt: skip
     parser.add_argument("--tm_faithful", action="store_true",
-                        help="preset lors_faithful: LoRS' settings without TM_STABILITY")  # fmt: skip
+                        help="presets lors_faithful / repblend_faithful: the released settings without TM_STABILITY")  # fmt: skip
+    parser.add_argument("--tm_presets", nargs="+", default=["lors"], choices=list(TM_METHODS),
+                        help="trajectory-matching distillers run for --methods tm: lors (result key tm) and/or "
+                             "repblend (its own projection-only buffer)")  # fmt: skip
     parser.add_argument(
         "--no_full", action="store_true", help="skip the full-train-set student (the ceiling)"
     )
@@ -430,7 +491,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--replot", metavar="RESULTS_JSON", default=None,
                         help="only redraw the plot and table of a recorded run (e.g. benchmarks/results/tm_vs_mdm.json)")  # fmt: skip
     parser.add_argument("--methods", nargs="*", default=["mdm", "tm"], choices=["mdm", "tm"],
-                        help="distillers to run (a variant: --methods tm --tm_override ...; none: coresets only)")  # fmt: skip
+                        help="distillers to run, tm: those of --tm_presets (a variant: --methods tm --tm_override "
+                             "...; none: coresets only)")  # fmt: skip
     parser.add_argument("--coresets", nargs="*", default=["random", "kcenter"],
                         help="coreset baselines scored with the same students (none: --coresets)")  # fmt: skip
     parser.add_argument(
@@ -444,7 +506,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fill_defaults(args) -> None:
-    """The run's sizes: ``--quick``'s smoke values or the full run's, where not given."""
+    """The run's sizes: ``--quick``'s smoke values or the full run's, where not given; ``tm`` in ``--methods``
+    becomes the result key of every ``--tm_presets`` entry."""
+    if "tm" in args.methods:
+        args.methods = [m for m in args.methods if m != "tm"] + [
+            TM_METHODS[p] for p in dict.fromkeys(args.tm_presets)
+        ]
     defaults = dict(budgets=[20], num_experts=2, expert_epochs=2, mdm_steps=20, tm_steps=20, eval_steps=10,
                     student_val_steps=30, student_seeds=1, cost_steps=3) if args.quick else dict(
                     budgets=[100, 200, 500], num_experts=2, expert_epochs=3, mdm_steps=300, tm_steps=600,
@@ -487,7 +554,7 @@ def measure_quality(args, demo, paths: dict, configs: dict, work: Path, results:
                 "data_dir": paths["data_dir"], "anchor": paths["anchor"], "work": str(work / f"{method}-{k}-hook{args.tag}"),
                 "synthetic_dir": str(work / f"sets/{method}-{k}{args.tag}"),
             })  # fmt: skip
-    specs.sort(key=lambda sp: (sp["method"] != "tm", -sp["num_pairs"]))
+    specs.sort(key=lambda sp: (sp["method"] == "mdm", -sp["num_pairs"]))
     for spec, out in _run_pool(quality_job, specs, args.jobs):
         entry = results["budgets"][str(spec["num_pairs"])]
         entry[f"quality_{spec['method']}"] = out
@@ -541,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.budgets:
         results["budgets"][str(k)] = {
             "lors_preset_budget": configs[k]["lors_preset_budget"],
-            "configs": {m: configs[k][m] for m in ("mdm", "tm")}, "cost": {},
+            "configs": {m: configs[k][m] for m in SET_LABELS if m in configs[k]}, "cost": {},
         }  # fmt: skip
     measure_cost(args, configs, results, write)
     if not args.skip_quality:
@@ -583,7 +650,7 @@ def _write(args, results: dict, quick: bool, argv, started: float) -> None:
 
 def plot_time_to_quality(r: dict, path: Path) -> bool:
     """Validation mean recall against distillation seconds, MDM and TM, one panel per budget; False if no data."""
-    budgets = [(k, e) for k, e in r["budgets"].items() if e.get("quality_mdm") or e.get("quality_tm")]
+    budgets = [(k, e) for k, e in r["budgets"].items() if any(e.get(f"quality_{m}") for m in SET_LABELS)]
     if not budgets:
         return False
     import matplotlib
@@ -593,7 +660,8 @@ def plot_time_to_quality(r: dict, path: Path) -> bool:
 
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4), squeeze=False)
     for ax, (k, e) in zip(axes[0], budgets, strict=True):
-        for method, label, style in (("mdm", "MDM", "o-"), ("tm", "TM (LoRS)", "s--")):
+        for method, style in (("mdm", "o-"), ("tm", "s--"), ("repblend", "^:")):
+            label = SET_LABELS[method]
             records = e.get(f"quality_{method}", {}).get("validation", [])
             if records:
                 ax.plot(
@@ -629,7 +697,7 @@ def _cost_lines(r: dict) -> list[str]:
     ]
     for k, e in r["budgets"].items():
         c, ratios = e.get("cost", {}), e.get("ratios", {})
-        if set(COST_VARIANTS) - set(c):
+        if {"mdm_fresh", "mdm_pooled", "tm"} - set(c):
             continue  # not measured yet
 
         def trio(key: str, spec: str, c=c) -> str:
@@ -643,7 +711,20 @@ def _cost_lines(r: dict) -> list[str]:
             f"{trio('setup_seconds', '.1f')} |"
         )
     if lines[-1].startswith("|---"):  # no budget has its cost measured (a quality-only variant)
-        lines[-4:] = ["Not measured in this run (--skip_cost)."]
+        lines[-4:] = ["MDM and TM (LoRS) not both measured in this run (--skip_cost or --methods)."]
+    both = [(k, e["cost"]) for k, e in r["budgets"].items() if {"tm", "repblend"} <= set(e.get("cost", {}))]
+    if both:
+        lines += ["", "RepBlend (projection-only trajectories + blending) next to LoRS, the same way:", "",
+                  "| K | RepBlend s/iter | LoRS s/iter | RepBlend / LoRS | autograd peak MB RepBlend / LoRS | "
+                  "loop RSS +MB RepBlend / LoRS |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for k, c in both:
+            rb, tm = c["repblend"], c["tm"]
+            lines.append(
+                f"| {k} | {rb['seconds_per_iteration']:.3f} | {tm['seconds_per_iteration']:.3f} | "
+                f"{_fmt(_ratio(rb['seconds_per_iteration'], tm['seconds_per_iteration']))} | "
+                f"{_fmt(rb['autograd_saved_peak_mb'], '.0f')} / {_fmt(tm['autograd_saved_peak_mb'], '.0f')} | "
+                f"{_fmt(rb['loop_rss_above_setup_mb'], '.0f')} / {_fmt(tm['loop_rss_above_setup_mb'], '.0f')} |"
+            )
     return lines
 
 
@@ -656,7 +737,7 @@ def _quality_lines(r: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for k, e in r["budgets"].items():
-        for method, label in (("mdm", "MDM"), ("tm", "TM (LoRS)")):
+        for method, label in SET_LABELS.items():
             q = e.get(f"quality_{method}")
             if not q:
                 continue
@@ -699,6 +780,15 @@ def _storage_lines(r: dict) -> list[str]:
         f"| one checkpoint | {storage['lora_checkpoint_bytes'] / 2**20:.3f} MiB | "
         f"{storage['full_checkpoint_bytes'] / 2**20:.3f} MiB | "
         f"{storage['full_checkpoint_bytes'] / storage['lora_checkpoint_bytes']:.1f} |",
+        *(
+            [
+                f"| RepBlend's projection-only buffer | whole directory {storage['projection_buffer_bytes'] / 2**20:.2f} "
+                f"MiB | one checkpoint {storage['projection_checkpoint_bytes'] / 2**20:.3f} MiB | "
+                f"{storage['projection_buffer_over_buffer']:.3f} of the full buffer |"
+            ]
+            if "projection_buffer_bytes" in storage
+            else []
+        ),  # fmt: skip
     ]
 
 
@@ -713,7 +803,7 @@ def render_markdown(r: dict) -> str:
         "",
         *_cost_lines(r),
     ]
-    if any("quality_mdm" in e or "quality_tm" in e for e in r["budgets"].values()):
+    if any(f"quality_{m}" in e for e in r["budgets"].values() for m in SET_LABELS):
         lines += _quality_lines(r)
     lines += [
         f"Concurrency: {r.get('concurrency', 'one process at a time')}.",
@@ -725,7 +815,8 @@ def render_markdown(r: dict) -> str:
         "the unmodified preset diverged here; see `configs` in the JSON), and its "
         "learned similarity matrix and step sizes are NOT used by the common student protocol (plain InfoNCE on the "
         "pairs); both sets are scored identically. Expert training time is excluded from the distillation cost, as in "
-        "the paper.",
+        "the paper. TM (RepBlend), when run: preset `repblend` (RepBlend's Flickr30k scripts with the same stability "
+        "changes) on a buffer of projection-only SGD trajectories.",
         "",
     ]
     return "\n".join(lines)

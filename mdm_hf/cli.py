@@ -132,8 +132,10 @@ def data_main(argv: Sequence[str]) -> int:
 
 
 def tm_main(argv: Sequence[str]) -> int:
-    """``mdm-hf tm --config file.yaml [--preset lors] [--field value ...]``: distil with trajectory matching, save
-    the set. ``--preset lors`` fills every field not given from LoRS' settings (:mod:`mdm_hf.baselines.tm.config`)."""
+    """``mdm-hf tm --config file.yaml [--preset lors|repblend] [--field value ...]``: distil with trajectory
+    matching, save the set. ``--preset lors`` / ``repblend`` fills every field not given from LoRS' / RepBlend's
+    settings (:mod:`mdm_hf.baselines.tm.config`); RepBlend needs a buffer of ``mdm-hf tm-buffer --trainable
+    projections``."""
     config = _parse_command(TrajectoryMatchingConfig, argv, "tm")
     out = Path(config.output_dir) / "synthetic"
     if out.exists() and not out.is_dir():  # found now, not after the whole run
@@ -147,7 +149,8 @@ def tm_main(argv: Sequence[str]) -> int:
 
 
 def tm_buffer_main(argv: Sequence[str]) -> int:
-    """``mdm-hf tm-buffer --model_name_or_path ... --dataset_name ... --output_dir buffer/``."""
+    """``mdm-hf tm-buffer --model_name_or_path ... --dataset_name ... --output_dir buffer/ [--trainable
+    projections]``: record SGD expert trajectories (``projections``: RepBlend's, of the two projections only)."""
     config = _parse_command(TrajectoryBufferConfig, argv, "tm-buffer")
     anchor = DualEncoder.from_pretrained(
         config.model_name_or_path, config.model_revision, config.text_pooling, config.trust_remote_code
@@ -159,12 +162,15 @@ def tm_buffer_main(argv: Sequence[str]) -> int:
                       val.caption_to_image)  # fmt: skip
     out = record_trajectory_buffer(
         anchor, load_split(config), config.output_dir, num_experts=config.num_experts,
-        num_epochs=config.num_epochs, learning_rate=config.learning_rate, momentum=config.momentum,
-        weight_decay=config.weight_decay, batch_size=config.batch_size, seed=config.seed,
+        num_epochs=config.num_train_epochs, learning_rate=config.learning_rate, momentum=config.momentum,
+        weight_decay=config.weight_decay, batch_size=config.per_device_train_batch_size, seed=config.seed,
         cache_dir=config.cache_dir, validation=validation, overwrite=config.overwrite_output_dir,
+        trainable=config.trainable, report_to=config.report_to,
     )  # fmt: skip
-    print(f"Trajectory buffer ({config.num_experts} experts x {config.num_epochs} epochs) written to {out}; "
-          f"use it with `mdm-hf tm --trajectory_buffer {out}`.")  # fmt: skip
+    preset = " --preset repblend" if config.trainable == "projections" else ""
+    print(f"Trajectory buffer ({config.num_experts} experts x {config.num_train_epochs} epochs, {config.trainable}, "
+          f"{bank_size_bytes(out) / 2**20:.2f} MiB) written to {out}; use it with "
+          f"`mdm-hf tm --trajectory_buffer {out}{preset}`.")  # fmt: skip
     return 0
 
 

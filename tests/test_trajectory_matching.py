@@ -251,8 +251,8 @@ def test_config_rejects_bad_values():
         TrajectoryMatchingConfig(syn_steps=2.5)
     with pytest.raises(ValueError, match=r"momentum=1\.5, weight_decay=-1\.0"):
         TrajectoryBufferConfig(momentum=1.5, weight_decay=-1.0)
-    with pytest.raises(ValueError, match="wrong type for num_epochs"):
-        TrajectoryBufferConfig(num_epochs="3")
+    with pytest.raises(ValueError, match="wrong type for num_train_epochs"):
+        TrajectoryBufferConfig(num_train_epochs="3")
     assert TrajectoryMatchingConfig(lr_text=0.0, lr_lr=0.0).lr_text == 0.0  # freezing is allowed
 
 
@@ -560,9 +560,10 @@ def test_benchmark_runs_the_library_preset_fitted_to_its_buffer():
 
     bench = _benchmark_module()
     args = SimpleNamespace(mdm_teacher_mode="fresh", mdm_steps=5, eval_steps=0, tag="", tm_faithful=False,
-                           tm_unroll="full", tm_steps=7, tm_override={"lr_sim": 1.0}, mdm_override=None)  # fmt: skip
+                           tm_unroll="full", tm_steps=7, tm_override={"lr_sim": 1.0}, mdm_override=None,
+                           tm_presets=["lors", "repblend"])  # fmt: skip
     demo = SimpleNamespace(seed=0, lr_pixels=100.0, lr_text=100.0, expert_epochs=2)
-    paths = {"anchor": "a", "data_dir": "d", "lora_bank": "b", "buffer": "t"}
+    paths = {"anchor": "a", "data_dir": "d", "lora_bank": "b", "buffer": "t", "projection_buffer": "p"}
     got = bench.method_configs(args, demo, paths, 480, Path("/tmp/w"))
     tm = got["tm"]
     assert got["lors_preset_budget"] == 500 and tm["preset"] == "lors"
@@ -570,8 +571,24 @@ def test_benchmark_runs_the_library_preset_fitted_to_its_buffer():
     assert (tm["unroll"], tm["max_steps"], tm["lr_sim"]) == ("full", 7, 1.0)  # the command line wins
     cfg = TrajectoryMatchingConfig(**tm)
     assert cfg.lr_pixels == 1000.0 and cfg.min_syn_lr == 1e-3 and cfg.lr_lr == pytest.approx(1e-4)
+    assert (tm["trajectory_buffer"], tm["trainable"], tm["blend_alpha"]) == ("t", "full", 0.0)
+    repblend = got["repblend"]  # RepBlend: its own preset and the projection-only buffer
+    assert (repblend["preset"], repblend["trajectory_buffer"], repblend["trainable"]) == (
+        "repblend",
+        "p",
+        "projections",
+    )
+    assert (repblend["blend_alpha"], repblend["mini_batch_size"], repblend["max_start_epoch"]) == (1.0, 20, 2)
+    assert repblend["output_dir"] == "/tmp/w/repblend-480" and repblend["lr_sim"] == 1.0
+    TrajectoryMatchingConfig(**repblend)
     args.tm_faithful = True
-    assert bench.method_configs(args, demo, paths, 480, Path("/tmp/w"))["tm"]["preset"] == "lors_faithful"
+    faithful = bench.method_configs(args, demo, paths, 480, Path("/tmp/w"))
+    assert (faithful["tm"]["preset"], faithful["repblend"]["preset"]) == (
+        "lors_faithful",
+        "repblend_faithful",
+    )
+    args.tm_presets = ["lors"]
+    assert "repblend" not in bench.method_configs(args, demo, paths, 480, Path("/tmp/w"))
 
 
 def test_benchmark_ratios_and_partial_results_render(tmp_path):
@@ -606,6 +623,18 @@ def test_benchmark_ratios_and_partial_results_render(tmp_path):
     assert bench.plot_time_to_quality({"budgets": {"100": done, "200": pending}}, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert not bench.plot_time_to_quality({"budgets": {"200": pending}}, tmp_path / "none.png")
+    # RepBlend next to LoRS: its own ratios and table row, the full-network rows unchanged
+    cost["repblend"] = {"seconds_per_iteration": 1.0, "autograd_saved_peak_mb": 20.0,
+                        "loop_rss_above_setup_mb": 50.0, "setup_seconds": 3.0}  # fmt: skip
+    bench._ratios(done)
+    assert done["ratios"]["repblend_over_tm_seconds_per_iteration"] == 0.25
+    assert done["ratios"]["repblend_over_mdm_fresh_seconds_per_iteration"] == 1.0
+    storage.update(
+        projection_buffer_bytes=2**20, projection_checkpoint_bytes=2**16, projection_buffer_over_buffer=0.1
+    )
+    text = bench.render_markdown({"budgets": {"100": done}, "prepare": {"storage": storage, "seconds": {}}})
+    assert "| 100 | 1.000 | 4.000 | 0.25 | 20 / 220 | 50 / 400 |" in text
+    assert "| 100 | 4.000 | 1.000 | 4.00 | 0.250 | 16.00 |" in text and "0.100 of the full buffer" in text
 
 
 def test_command_line_records_a_buffer_and_distils_from_it(capsys, tiny_clip_dir, tiny_dataset_dir, tmp_path):
@@ -618,7 +647,7 @@ def test_command_line_records_a_buffer_and_distils_from_it(capsys, tiny_clip_dir
     common = ["--model_name_or_path", tiny_clip_dir, "--dataset_name", tiny_dataset_dir,
               "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
     buffer = tmp_path / "buffer"
-    assert main(["tm-buffer", *common, "--num_experts", "1", "--num_epochs", "2", "--batch_size", "8",
+    assert main(["tm-buffer", *common, "--num_experts", "1", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
                  "--max_validation_images", "8", "--output_dir", str(buffer)]) == 0  # fmt: skip
     manifest = read_manifest(buffer)
     assert manifest["training"]["optimizer"] == "sgd" and len(manifest["experts"][0]["epochs"]) == 2

@@ -2,8 +2,10 @@
 aims at, recorded as LoRS records them and read back from a **full** expert bank (:mod:`mdm_hf.bank`).
 
 Experts are full fine-tunes of the anchor on the real train split with a checkpoint after every epoch (MTT,
-arXiv 2203.11932, §3; LoRS' ``buffer.py``, arXiv 2406.03793). The student matches two trajectories at once
-(MTT-VL, arXiv 2308.07545): :func:`branch_of` says which one a trained tensor belongs to.
+arXiv 2203.11932, §3; LoRS' ``buffer.py``, arXiv 2406.03793) -- or, for RepBlend (NeurIPS 2025), SGD on the image
+and text projections alone over the frozen encoders (``trainable="projections"``: a buffer of two small matrices
+per checkpoint). The student matches two trajectories at once (MTT-VL, arXiv 2308.07545): :func:`branch_of` says
+which one a trained tensor belongs to.
 """
 
 from __future__ import annotations
@@ -33,12 +35,20 @@ from ...data import cached_text_features, preprocess_split_images
 from ...experts import full_finetune_parameters
 from ...models import DualEncoder
 from ...training import CaptionedImages, ContrastiveObjective, evaluate_recall
+from .tracking import start_trackers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_PROJECTION_PREFIXES", "TrajectoryBuffer", "branch_of", "record_trajectory_buffer"]
+__all__ = [
+    "TEXT_PROJECTION_PREFIXES",
+    "TrajectoryBuffer",
+    "branch_of",
+    "record_trajectory_buffer",
+    "trained_parameters",
+]
 
 TEXT_PROJECTION_PREFIXES = ("text_projection.", "text_model.head.")
+TRACKER_PROJECT = "tm-buffer"  # the trackers' project name, and the folder tensorboard writes in the buffer
 
 
 def branch_of(name: str) -> str:
@@ -46,12 +56,36 @@ def branch_of(name: str) -> str:
     return "text" if name.startswith(TEXT_PROJECTION_PREFIXES) else "image"
 
 
+def _projections(anchor: DualEncoder) -> list[str]:
+    """The image and text projections' tensors (the logit scale and bias stay frozen, as in a full expert)."""
+    return [n for n in anchor.parameter_groups().projections if n not in ("logit_scale", "logit_bias")]
+
+
+def trained_parameters(anchor: DualEncoder, trainable: str = "full") -> list[str]:
+    """What an expert of ``trainable`` trains: ``"full"``, the vision tower and both projections
+    (:func:`mdm_hf.experts.full_finetune_parameters`); ``"projections"``, the image and text projections only
+    (RepBlend), which needs an anchor with an image projection (CLIP, VisionTextDualEncoder; not SigLIP)."""
+    if trainable == "full":
+        return full_finetune_parameters(anchor)
+    if trainable != "projections":
+        raise ValueError(f"trainable must be 'full' or 'projections', got {trainable!r}.")
+    names = _projections(anchor)
+    if not any(branch_of(n) == "image" for n in names):
+        raise ValueError(
+            f"A {anchor.family} anchor has no image projection (its image embedding is the vision tower's pooled "
+            "output), so projection-only trajectories (RepBlend) would have no image branch. Use trainable='full' "
+            "(--trainable full) or a CLIP / VisionTextDualEncoder anchor."
+        )
+    return names
+
+
 class TrajectoryBuffer:
     """Expert trajectories read from a **full** expert bank: ``checkpoint(i, 0)`` is the anchor, ``checkpoint(i, e)``
     the trained tensors of expert ``i`` after epoch ``e`` (``<bank>/expert-<i>/epoch-<e>/model.safetensors``).
 
     The bank must belong to ``anchor`` (checked with :func:`mdm_hf.bank.check_anchor`). Loading is lazy; with
-    ``cache=True`` every checkpoint read stays in memory.
+    ``cache=True`` every checkpoint read stays in memory. :attr:`trainable` says what the trajectories cover:
+    ``"projections"`` when every trained tensor is one of the two projections (RepBlend), else ``"full"``.
     """
 
     def __init__(
@@ -89,6 +123,7 @@ class TrajectoryBuffer:
                 f"'{bank_dir}' holds no expert checkpoints (an interrupted run?). Record it again."
             )
         self.names: list[str] = names
+        self.trainable = "projections" if set(names) <= set(_projections(anchor)) else "full"
         self._anchor = {n: anchor_params[n].detach().float().cpu().clone() for n in names}
         self.cache = cache
         self._cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -175,41 +210,54 @@ def record_trajectory_buffer(
     cache_dir: str | None = None,
     validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     overwrite: bool = False,
+    trainable: str = "full",
+    report_to: str | None = "none",
 ) -> Path:
     """Expert trajectories as LoRS records them (``buffer.py``): SGD on the real train split, a snapshot per epoch.
 
-    Trains the vision tower and the projections (:func:`mdm_hf.experts.full_finetune_parameters`; text tower and
-    logit scale frozen) with the family's contrastive loss, one caption per image per epoch, and writes a **full**
-    expert bank (``manifest.json`` + ``expert-<i>/epoch-<e>/model.safetensors``) that :class:`TrajectoryBuffer` and
-    :func:`mdm_hf.bank.load_expert_bank` both read. ``validation`` = ``(pixels, text_features,
-    caption_to_image)`` adds per-epoch recall@1 to the manifest. Single process.
+    Trains :func:`trained_parameters` of ``trainable`` -- the vision tower and the projections, or (RepBlend) the
+    projections alone; text tower and logit scale frozen -- with the family's contrastive loss, one caption per image
+    per epoch, and writes a **full** expert bank (``manifest.json`` + ``expert-<i>/epoch-<e>/model.safetensors``)
+    that :class:`TrajectoryBuffer` and :func:`mdm_hf.bank.load_expert_bank` both read. ``validation`` =
+    ``(pixels, text_features, caption_to_image)`` adds per-epoch recall@1 to the manifest. ``report_to``
+    (:func:`mdm_hf.config.trackers`) also logs each epoch's train loss and recall, at step ``expert x num_epochs +
+    epoch``. Single process.
     """
-    out = prepare_output_dir(output_dir, owned=owns_bank_entry, overwrite=overwrite)
     if num_experts < 1 or num_epochs < 1 or learning_rate <= 0 or batch_size < 1:
         raise ValueError("num_experts, num_epochs and batch_size must be >= 1 and learning_rate > 0.")
+    # before anything is written: refusing a SigLIP anchor leaves no folder behind
+    trained = trained_parameters(anchor, trainable)
+    out = prepare_output_dir(output_dir, owned=_owns_buffer_entry, overwrite=overwrite)
     if text_features is None:
         text_features = cached_text_features(anchor, train_data, cache_dir)
     if pixels is None:
         pixels = preprocess_split_images(anchor, train_data)
-    trained = full_finetune_parameters(anchor)
     sgd = {"lr": learning_rate, "momentum": momentum, "weight_decay": weight_decay}
     manifest = _buffer_manifest(anchor, train_data, trained, sgd, num_experts, num_epochs, batch_size, seed,
-                                validation is not None)  # fmt: skip
+                                validation is not None, trainable)  # fmt: skip
+    tracking = start_trackers(report_to, out, TRACKER_PROJECT, manifest["training"])
     for index in range(num_experts):
         # pixels are preprocessed once, so the dataset never needs the expert's own copy of the encoder
         dataset = CaptionedImages(train_data, anchor, text_features, pixels, seed + index)
         record = _record_trajectory(
-            anchor, dataset, trained, sgd, num_epochs, batch_size, out, index, validation
+            anchor, dataset, trained, sgd, num_epochs, batch_size, out, index, validation, tracking
         )
         manifest["experts"].append(record)
         # after every expert: a crash leaves a readable, partial buffer
         (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    if tracking is not None:
+        tracking.end_training()
     return out
+
+
+def _owns_buffer_entry(path: Path) -> bool:
+    """A bank's own entries, and the tracker logs a buffer run writes next to them."""
+    return owns_bank_entry(path) or (path.name == TRACKER_PROJECT and path.is_dir())
 
 
 def _buffer_manifest(
     anchor: DualEncoder, train_data, trained: list[str], sgd: dict, num_experts: int, num_epochs: int,
-    batch_size: int, seed: int, validated: bool,
+    batch_size: int, seed: int, validated: bool, trainable: str = "full",
 ) -> dict:  # fmt: skip
     """The manifest of a full expert bank (:mod:`mdm_hf.bank`'s format) for an SGD trajectory buffer, no experts."""
     return {
@@ -228,15 +276,22 @@ def _buffer_manifest(
         "validation_metric": "recall@1 (ir@1, tr@1, mean; %)" if validated else None,
         "training": {"optimizer": "sgd", "learning_rate": sgd["lr"], "momentum": sgd["momentum"],
                      "weight_decay": sgd["weight_decay"], "per_device_train_batch_size": batch_size,
-                     "num_epochs": num_epochs, "num_experts": num_experts, "seed": seed,
-                     "recipe": "LoRS buffer.py: SGD, constant lr, one snapshot per epoch"},
+                     "num_epochs": num_epochs, "num_experts": num_experts, "seed": seed, "trainable": trainable,
+                     "recipe": _RECIPES[trainable]},
         "experts": [],
     }  # fmt: skip
 
 
+_RECIPES = {
+    "full": "LoRS buffer.py: SGD, constant lr, one snapshot per epoch",
+    "projections": "RepBlend buffer.py: SGD on the image and text projections (frozen encoders), constant lr, one "
+    "snapshot per epoch",
+}
+
+
 def _record_trajectory(
     anchor: DualEncoder, dataset: CaptionedImages, trained: list[str], sgd: dict, num_epochs: int,
-    batch_size: int, out: Path, index: int, validation,
+    batch_size: int, out: Path, index: int, validation, tracking=None,
 ) -> dict:  # fmt: skip
     """Train expert ``index`` (seed ``dataset.seed``) from a copy of the anchor with constant-lr SGD, saving the
     trained tensors after every epoch; returns its manifest entry."""
@@ -271,6 +326,10 @@ def _record_trajectory(
             entry["validation"] = evaluate_recall(encoder, *validation)
         record["epochs"].append(entry)
         logger.info("trajectory %s epoch %d: %s", record["name"], epoch, entry)
+        if tracking is not None:
+            metrics = {f"validation/{k}": v for k, v in entry.get("validation", {}).items()}
+            tracking.log({"train_loss": entry["train_loss"], "expert": index, **metrics},
+                         step=index * num_epochs + epoch)  # fmt: skip
     return record
 
 

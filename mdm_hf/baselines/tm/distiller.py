@@ -1,4 +1,4 @@
-"""The trajectory-matching distiller (MTT-VL / LoRS): what one iteration does, on the shared loop.
+"""The trajectory-matching distiller (MTT-VL / LoRS / RepBlend): what one iteration does, on the shared loop.
 
 Each iteration (MTT, arXiv 2203.11932, §3; MTT-VL, arXiv 2308.07545; LoRS, arXiv 2406.03793, §4):
 
@@ -10,7 +10,10 @@ Each iteration (MTT, arXiv 2203.11932, §3; MTT-VL, arXiv 2308.07545; LoRS, arXi
        θ_{i+1} = θ_i − η_b ∇_θ ℓ(θ_i; B_i)
 
    ``ℓ`` is a contrastive loss of the embeddings of ``B_i`` against targets ``T`` (the identity, or LoRS' learned
-   similarity matrix ``S[B_i, B_i]``);
+   similarity matrix ``S[B_i, B_i]``). RepBlend (``trainable="projections"``, ``blend_alpha > 0``): ``θ`` is the two
+   projections alone, on the anchor's frozen image features of ``x~`` (the gradient reaches the pixels through the
+   frozen encoder, as in RepBlend's released code), and the features of ``B_i`` are blended before the projections
+   (:mod:`.blending`);
 3. minimise over ``x~``, ``e~``, ``η`` (and ``S``) the normalised parameter distance, per branch::
 
        L = Σ_b ||θ_N^b − θ*_{s+M}^b||² / ||θ*_s^b − θ*_{s+M}^b||²        (merge_branches: Σ_b num / Σ_b den)
@@ -39,9 +42,11 @@ from torch.func import functional_call
 from ... import __version__
 from ...distill_loop import SyntheticSetDistiller, ValidationFn
 from ...models import DualEncoder
+from .blending import Blend, BlendedDualEncoder, SyntheticMiniBatch, draw_blend
 from .buffer import TrajectoryBuffer, branch_of
 from .config import TrajectoryMatchingConfig
 from .losses import FullSimilarity, LowRankSimilarity, normalized_parameter_distance, soft_contrastive_loss
+from .tracking import start_trackers
 from .unroll import unrolled_matching_gradients
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXTRAS_FILE", "TMStepTimings", "TrajectoryMatchingDistiller"]
 
 EXTRAS_FILE = "tm_extras.safetensors"
+# What each kind of trajectory covers, in the words of the error that refuses a buffer of the other kind.
+_COVERS = {
+    "full": "the vision tower and both projections (MTT-VL / LoRS)",
+    "projections": "the image and text projections only (RepBlend)",
+}
 
 
 @dataclass
@@ -62,7 +72,7 @@ class TMStepTimings:
 
 
 class TrajectoryMatchingDistiller(SyntheticSetDistiller):
-    """Distil ``config.num_pairs`` synthetic pairs by matching expert trajectories (MTT-VL / LoRS).
+    """Distil ``config.num_pairs`` synthetic pairs by matching expert trajectories (MTT-VL / LoRS / RepBlend).
 
     Args:
         config: the run's :class:`~mdm_hf.baselines.tm.TrajectoryMatchingConfig`.
@@ -71,7 +81,8 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         teacher / train_data / buffer / text_features / pixel_cache: pre-loaded pieces (tests, benchmarks); loaded
             from the config when None.
 
-    Single process: the unrolled steps run on one device (``config.device``).
+    Single process: the unrolled steps run on one device (``config.device``); ``config.report_to`` logs through
+    accelerate's trackers (:mod:`.tracking`).
     """
 
     progress_name = "TM"
@@ -95,6 +106,7 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         )  # fmt: skip
         self.buffer = buffer
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tracking = None  # an Accelerator that only logs (report_to), started in _before_loop
 
     # ================================================================== set-up
     def setup(self) -> None:
@@ -121,6 +133,7 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         for name in self.names:
             self.groups[branch_of(name)].append(name)
         self.groups = {g: n for g, n in self.groups.items() if n}
+        self.student = BlendedDualEncoder(self.teacher)  # once: the unrolled steps create no module
         scale = (
             self.teacher.logit_scale.detach()
             if cfg.temperature is None
@@ -130,8 +143,22 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         self.is_set_up = True
 
     def _check_buffer(self) -> None:
-        """The schedule must fit the shortest trajectory; a non-SGD buffer only warns."""
+        """The buffer must cover what the run matches (``trainable``) and the schedule must fit its shortest
+        trajectory; a non-SGD buffer only warns."""
         cfg = self.config
+        if self.buffer.trainable != cfg.trainable:
+            fix = (
+                "Record one with `mdm-hf tm-buffer --trainable projections`, or run a full-network preset (lors)."
+                if cfg.trainable == "projections"
+                else "Use it with --preset repblend (or --trainable projections), or record a full buffer with "
+                "`mdm-hf tm-buffer --trainable full`."
+            )
+            where = getattr(self.buffer, "directory", cfg.trajectory_buffer)
+            raise ValueError(
+                f"The trajectory buffer '{where}' records {_COVERS[self.buffer.trainable]}, but this run "
+                f"(preset={cfg.preset!r}, trainable={cfg.trainable!r}) matches trajectories of "
+                f"{_COVERS[cfg.trainable]}. {fix}"
+            )
         shortest = min(self.buffer.num_epochs(i) for i in range(self.buffer.num_experts))
         if cfg.max_start_epoch - 1 + cfg.expert_epochs > shortest:
             raise ValueError(
@@ -196,14 +223,17 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         return [self.syn_pixels, self.syn_text, *self.syn_lrs.values(), *sim]
 
     # ================================================================== one iteration
-    def sample_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
-        """``syn_steps`` mini-batches: consecutive chunks of a permutation, reshuffled when it runs out (LoRS)."""
-        k, b = self.config.num_pairs, min(self.config.mini_batch_size, self.config.num_pairs)
+    def sample_batches(self, generator: torch.Generator) -> list[SyntheticMiniBatch]:
+        """``syn_steps`` mini-batches: consecutive chunks of a permutation, reshuffled when it runs out (LoRS), each
+        with its blend when ``blend_alpha > 0`` (RepBlend: one ``λ`` and permutation per step)."""
+        cfg = self.config
+        k, b = cfg.num_pairs, min(cfg.mini_batch_size, cfg.num_pairs)
         perm, pos, out = torch.randperm(k, generator=generator), 0, []
-        for _ in range(self.config.syn_steps):
+        for _ in range(cfg.syn_steps):
             if pos + b > k:
                 perm, pos = torch.randperm(k, generator=generator), 0
-            out.append(perm[pos : pos + b].to(self.device))
+            blend = draw_blend(b, cfg.blend_alpha, generator)
+            out.append(SyntheticMiniBatch(perm[pos : pos + b].to(self.device), blend))
             pos += b
         return out
 
@@ -222,20 +252,31 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         )
 
     def embed(
-        self, params: Mapping[str, torch.Tensor], pixels: torch.Tensor, text_features: torch.Tensor
+        self,
+        params: Mapping[str, torch.Tensor],
+        pixels: torch.Tensor,
+        text_features: torch.Tensor,
+        blend: Blend | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z_v, z_t)`` of the teacher with its trained tensors replaced by ``params`` (``functional_call``)."""
+        """``(z_v, z_t)`` of the teacher with its trained tensors replaced by ``params`` (``functional_call``), the
+        features blended by ``blend`` (a :class:`~.blending.Blend`) before the projections when one is given."""
         return functional_call(
-            self.teacher, {f"model.{n}": p for n, p in params.items()}, (pixels, text_features)
+            self.student, {f"encoder.model.{n}": p for n, p in params.items()}, (pixels, text_features, blend)
         )
 
-    def inner_loss(self, params: Mapping[str, torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        """``ℓ(θ; B)``: the contrastive loss of the synthetic mini-batch ``B`` under parameters ``θ``."""
-        zv, zt = self.embed(params, self.syn_pixels[batch], self.syn_text[batch])
+    def inner_loss(
+        self, params: Mapping[str, torch.Tensor], batch: SyntheticMiniBatch | torch.Tensor
+    ) -> torch.Tensor:
+        """``ℓ(θ; B)``: the contrastive loss of the synthetic mini-batch ``B`` under parameters ``θ``, blended by the
+        batch's own blend (a bare index tensor: no blend)."""
+        if isinstance(batch, torch.Tensor):
+            batch = SyntheticMiniBatch(batch)
+        idx = batch.indices
+        zv, zt = self.embed(params, self.syn_pixels[idx], self.syn_text[idx], batch.blend)
         if self.similarity is not None:
-            targets = self.similarity(batch)
+            targets = self.similarity(idx)
         else:
-            targets = torch.eye(len(batch), device=zv.device, dtype=zv.dtype)
+            targets = torch.eye(len(idx), device=zv.device, dtype=zv.dtype)
         return soft_contrastive_loss(zv, zt, targets, self.logit_scale, self.config.inner_loss)
 
     def step_sizes(self) -> dict[str, torch.Tensor]:
@@ -324,16 +365,39 @@ class TrajectoryMatchingDistiller(SyntheticSetDistiller):
         return grad_norm
 
     # ================================================================== loop hooks and output
+    def _before_loop(self) -> None:
+        cfg = self.config
+        self.tracking = start_trackers(
+            cfg.report_to, cfg.output_dir, self.progress_name.lower(), cfg.to_dict()
+        )
+
+    def _log(self, logs: dict, step: int) -> None:
+        super()._log(logs, step)
+        if self.tracking is not None:
+            self.tracking.log(logs, step=step)
+
     def _after_loop(self) -> None:
         self.save_extras(Path(self.config.output_dir) / EXTRAS_FILE)
+        if self.tracking is not None:
+            self.tracking.end_training()
+
+    def method_name(self) -> str:
+        """What made the set, as provenance and the students' tables name it."""
+        cfg = self.config
+        if cfg.blend_alpha > 0:
+            name = "RepBlend (trajectory matching + representation blending)"
+        elif cfg.similarity != "none":
+            name = "LoRS (trajectory matching + learned similarity)"
+        else:
+            name = "MTT-VL (trajectory matching)"
+        if cfg.blend_alpha == 0 and cfg.trainable == "projections":
+            name += " on projection trajectories"
+        return name
 
     def provenance(self) -> dict:
         """Where the set came from: ids, the buffer, the full config, the learned step sizes, library versions."""
         cfg = self.config
-        lors = cfg.similarity != "none"
-        out = self._common_provenance(
-            "LoRS (trajectory matching + learned similarity)" if lors else "MTT-VL (trajectory matching)"
-        )
+        out = self._common_provenance(self.method_name())
         out.update(
             trajectory_buffer=str(cfg.trajectory_buffer or getattr(self.buffer, "directory", "")),
             syn_lrs={g: float(v.detach()) for g, v in self.syn_lrs.items()},

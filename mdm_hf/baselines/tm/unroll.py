@@ -7,19 +7,23 @@ step's gradient once. It drops the dependence of later steps' gradients on earli
 (second-order cross terms); with ``N = 1`` the two agree exactly.
 
 Everything here works on ``{name: tensor}`` dicts and a ``loss_fn(params, batch)``: the distiller evaluates its
-teacher with ``torch.func.functional_call``, so no module is copied or modified.
+teacher with ``torch.func.functional_call``, so no module is copied or modified. A batch is opaque here (index
+tensors in the tests; the distiller's :class:`~.blending.SyntheticMiniBatch`): step ``i``'s object is handed to
+every pass over step ``i``, so whatever was drawn with it -- RepBlend's blend -- is replayed, never redrawn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["LossFn", "sgd_unroll", "unrolled_matching_gradients"]
 
-LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+LossFn = Callable[[dict[str, torch.Tensor], Any], torch.Tensor]  # (params by name, one step's batch) -> loss
 MetaLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -39,17 +43,32 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+@contextmanager
+def _not_requiring_grad(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The leaf tensors among ``tensors`` stop requiring grad for the duration: a pass that is never differentiated
+    w.r.t. them builds no graph to them (TESLA's first pass; with projection-only trajectories, the frozen image
+    encoder's activations would otherwise be recorded for nothing)."""
+    leaves = [t for t in tensors if t.is_leaf and t.requires_grad]
+    for t in leaves:
+        t.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for t in leaves:
+            t.requires_grad_(True)
+
+
 def sgd_unroll(
     loss_fn: LossFn,
     params: Mapping[str, torch.Tensor],
     step_sizes: Mapping[str, torch.Tensor],
-    batches: Sequence[torch.Tensor],
+    batches: Sequence[Any],
     create_graph: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``len(batches)`` SGD steps ``θ_{i+1} = θ_i − η_n ∇_θ loss_fn(θ_i, batches[i])``, differentiable end to end.
 
     Args:
-        loss_fn: ``(params_by_name, batch_indices) -> scalar``; closes over the synthetic data.
+        loss_fn: ``(params_by_name, batch) -> scalar``; closes over the synthetic data.
         params: the start ``θ_0`` by name (made leaves that require grad; the inputs are not modified).
         step_sizes: a scalar tensor per name (tensors shared by a branch may be the same object).
         create_graph: keep the graph of every step (MTT); ``False`` runs the trajectory without one.
@@ -76,7 +95,7 @@ def unrolled_matching_gradients(
     loss_fn: LossFn,
     params: Mapping[str, torch.Tensor],
     step_sizes: Mapping[str, torch.Tensor],
-    batches: Sequence[torch.Tensor],
+    batches: Sequence[Any],
     meta_loss: MetaLoss,
     inputs: Sequence[torch.Tensor],
     mode: str = "full",
@@ -91,7 +110,8 @@ def unrolled_matching_gradients(
 
         dL/dinput = Σ_i ∂<c, g_i(θ_i; B_i)>/∂input          dL/dη_n = <∂L/∂θ_N[n], −Σ_i g_i[n]>
 
-    Memory stays that of one step (plus the ``N`` parameter vectors of the trajectory).
+    Memory stays that of one step (plus the ``N`` parameter vectors of the trajectory). The second pass recomputes
+    ``g_i`` with the very batch object of the first, so a random blend drawn with the mini-batch is the same in both.
 
     Returns ``(meta loss (detached), θ_N (detached), [gradient per input, zeros where unused])``.
     """
@@ -109,16 +129,20 @@ def _trajectory_without_graph(
     loss_fn: LossFn,
     params: Mapping[str, torch.Tensor],
     step_sizes: Mapping[str, torch.Tensor],
-    batches: Sequence[torch.Tensor],
+    batches: Sequence[Any],
+    inputs: Sequence[torch.Tensor] = (),
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """TESLA's first pass: ``([θ_0 .. θ_{N-1}], θ_N, Σ_i g_i)``, all detached."""
+    """TESLA's first pass: ``([θ_0 .. θ_{N-1}], θ_N, Σ_i g_i)``, all detached; no graph reaches ``inputs``."""
     names = list(params)
     trajectory, grad_sum = [], {n: torch.zeros_like(params[n]) for n in names}
     current = {n: params[n].detach() for n in names}
     for batch in batches:
         trajectory.append(current)
         leaves = {n: current[n].detach().requires_grad_(True) for n in names}
-        grads = _grads(loss_fn(leaves, batch), [leaves[n] for n in names], create_graph=False)
+        # the second pass's attention kernel, so that it recomputes this forward bit for bit
+        with _math_attention(), _not_requiring_grad(inputs):
+            loss = loss_fn(leaves, batch)
+        grads = _grads(loss, [leaves[n] for n in names], create_graph=False)
         with torch.no_grad():
             current = {n: current[n] - step_sizes[n].detach() * g for n, g in zip(names, grads)}
             for n, g in zip(names, grads):
@@ -130,13 +154,13 @@ def _tesla_gradients(
     loss_fn: LossFn,
     params: Mapping[str, torch.Tensor],
     step_sizes: Mapping[str, torch.Tensor],
-    batches: Sequence[torch.Tensor],
+    batches: Sequence[Any],
     meta_loss: MetaLoss,
     inputs: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """:func:`unrolled_matching_gradients` with ``mode="tesla"``: one step's graph at a time."""
     names = list(params)
-    trajectory, current, grad_sum = _trajectory_without_graph(loss_fn, params, step_sizes, batches)
+    trajectory, current, grad_sum = _trajectory_without_graph(loss_fn, params, step_sizes, batches, inputs)
     end = {n: t.detach().requires_grad_(True) for n, t in current.items()}
     loss = meta_loss(end)
     d_end = dict(zip(names, _grads(loss, [end[n] for n in names], create_graph=False)))
