@@ -4,7 +4,8 @@ A bank on disk (and as a Hub model repo)::
 
     <bank>/manifest.json                     format version, anchor id + revision + fingerprint, family, kind,
                                              target modules, r / alpha, seeds, epochs, per-epoch loss and recall
-    <bank>/README.md                         model card (hub_cards/expert_bank_card.md)
+    <bank>/README.md                         model card (hub_cards/expert_bank_card.md), for local use; a push
+                                             uploads a card rendered for the repo and leaves this one alone
     <bank>/expert-<i>/epoch-<e>/             adapter_model.safetensors + adapter_config.json (kind "lora"), or
                                              model.safetensors holding the trained tensors (kind "full")
 
@@ -24,14 +25,18 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
-from .cards import expert_bank_card
+from .cards import expert_bank_card, published_hub_id
+from .data import card_license
 from .hub import check_repo_id, download_repo, upload_folder_checked
 from .merge import ExpertBank, LowRankDelta
 from .models import DualEncoder
@@ -200,16 +205,56 @@ def bank_size_bytes(bank_dir: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(bank_dir).rglob("*") if p.is_file())
 
 
+def anchor_license(bank_anchor: dict) -> str | list[str] | None:
+    """The ``license:`` of the anchor's model card: its local folder's README, or the Hub card of its id (also
+    recovered from a Hub-cache snapshot path) when the Hub is reachable; None when unknown."""
+    name = bank_anchor.get("name_or_path")
+    for candidate in dict.fromkeys(c for c in (name, published_hub_id(name, "model")) if c):
+        if value := card_license(str(candidate), bank_anchor.get("revision"), repo_type="model"):
+            return value
+    return None
+
+
+def bank_card(
+    bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None
+) -> ModelCard:
+    """The bank's model card, in memory (:func:`mdm_hf.cards.expert_bank_card`; ``repo_id`` fills the snippets,
+    default the directory itself)."""
+    bank_dir = Path(bank_dir)
+    manifest = manifest or read_manifest(bank_dir)
+    return expert_bank_card(
+        manifest,
+        repo_id=repo_id or str(bank_dir),
+        size_bytes=bank_size_bytes(bank_dir),
+        anchor_license=anchor_license(manifest["anchor"]),
+    )
+
+
 def write_bank_card(
     bank_dir: str | os.PathLike, manifest: dict | None = None, repo_id: str | None = None
 ) -> Path:
-    """Render ``README.md`` of the bank (:func:`mdm_hf.cards.expert_bank_card`; ``repo_id`` fills the snippets)."""
-    bank_dir = Path(bank_dir)
-    manifest = manifest or read_manifest(bank_dir)
-    card = expert_bank_card(manifest, repo_id=repo_id or str(bank_dir), size_bytes=bank_size_bytes(bank_dir))
-    path = bank_dir / "README.md"
-    card.save(str(path))
+    """Render ``README.md`` of the bank (:func:`bank_card`)."""
+    path = Path(bank_dir) / "README.md"
+    bank_card(bank_dir, manifest, repo_id).save(str(path))
     return path
+
+
+def _stage_for_upload(bank_dir: Path, card: ModelCard) -> Path:
+    """A temporary folder mirroring ``bank_dir`` file by file (symbolic links, copies where links are refused)
+    with ``card`` as its README: the upload reads the bank without writing one byte into it."""
+    staging = Path(tempfile.mkdtemp(prefix="mdm-hf-bank-upload-"))
+    for source in sorted(bank_dir.rglob("*")):
+        target = staging / source.relative_to(bank_dir)
+        if source.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif source.is_file() and source.relative_to(bank_dir) != Path("README.md"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.symlink_to(source.resolve())
+            except OSError:  # no symlink permission (Windows without developer mode)
+                shutil.copy2(source, target)
+    card.save(str(staging / "README.md"))
+    return staging
 
 
 def push_expert_bank(
@@ -219,21 +264,26 @@ def push_expert_bank(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str = "Upload MDM expert bank",
+    create_pr: bool = False,
 ) -> str:
-    """Upload a bank directory as a Hub **model** repo (created if needed); returns the commit URL.
+    """Upload a bank directory as a Hub **model** repo (created if needed); returns the commit URL (the pull
+    request's URL with ``create_pr=True``).
 
-    The card is re-rendered with ``repo_id`` first. ``token`` (or the logged-in token) is only handed to
-    ``HfApi``; it is never written to a file (the card and the manifest are checked before the upload).
+    The card is rendered with ``repo_id`` in memory and uploaded from a temporary staging folder, so the bank
+    directory is left exactly as it was (its own README keeps its local snippets). Expert checkpoints of an
+    earlier push that this one does not re-upload are deleted in the same commit, so the repo never lists more
+    experts than its manifest. ``token`` (or the logged-in token) is only handed to ``HfApi``; it is never
+    written to a file (the card and the manifest are checked before the upload).
 
     Raises:
-        ValueError: ``repo_id`` is not ``"namespace/name"`` (checked before anything is written).
-        mdm_hf.hub.HubUploadError: the upload failed; the message names the bank directory and how to retry.
+        ValueError: ``repo_id`` is not ``"namespace/name"`` (checked before anything is read or written).
+        mdm_hf.hub.HubUploadError: the upload failed; the message names the staging copy (kept) and how to retry.
     """
     check_repo_id(repo_id)
     bank_dir = Path(bank_dir)
-    write_bank_card(bank_dir, read_manifest(bank_dir), repo_id=repo_id)
+    staging = _stage_for_upload(bank_dir, bank_card(bank_dir, read_manifest(bank_dir), repo_id=repo_id))
     upload = upload_folder_checked(
-        bank_dir,
+        staging,
         repo_id,
         repo_type="model",
         commit_message=commit_message,
@@ -241,11 +291,14 @@ def push_expert_bank(
         private=private,
         revision=revision,
         ignore_patterns=["*.tmp", ".cache/**"],
+        delete_patterns=["expert-*/**"],
+        create_pr=create_pr,
         token_free=("README.md", MANIFEST_NAME),
         what="the expert bank",
         resume_hint=f"mdm_hf.bank.push_expert_bank({str(bank_dir)!r}, {repo_id!r})",
     )
-    return upload.commit_url or upload.url
+    shutil.rmtree(staging, ignore_errors=True)  # links and a card only; kept above when the upload failed
+    return upload.pr_url or upload.commit_url or upload.url
 
 
 def resolve_bank_dir(

@@ -16,7 +16,8 @@ The results table of a synthetic set's card is :func:`results_table`, the packag
 from __future__ import annotations
 
 import importlib.resources
-import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
-from .hub import hub_license, is_hub_reference, size_category
+from .hub import hub_license, is_hub_reference, redact_local_paths, size_category
 from .retrieval import METRIC_NAMES
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "MODEL_STOCK_BIBTEX",
     "MODEL_STOCK_REFERENCE",
     "available_templates",
+    "published_hub_id",
     "emojicaps_card",
     "expert_bank_card",
     "load_template",
@@ -276,46 +278,120 @@ def synthetic_dataset_card(synthetic_set, repo_id: str | None = None) -> Dataset
 
 
 # ====================================================================== the expert bank's model card
-def expert_bank_card(manifest: dict, repo_id: str, size_bytes: int) -> ModelCard:
+# CLIP-like dual encoders are tagged zero-shot-image-classification on the Hub (openai/clip-*, google/siglip-*).
+BANK_PIPELINE_TAG = "zero-shot-image-classification"
+BANK_TAGS = ["mdm-hf", "dataset-distillation", "model-stock", "expert-bank", "vision-language"]
+# A snapshot in the Hub cache: <cache>/models--<namespace>--<name>/snapshots/<commit>.
+_CACHE_SNAPSHOT = re.compile(
+    r"(?:^|[/\\])(?P<type>models|datasets)--(?P<id>[^/\\]+)[/\\]snapshots[/\\][0-9a-f]{40}"
+)
+
+
+def published_hub_id(name_or_path: str | None, repo_type: str = "model") -> str | None:
+    """The Hub id a card may publish for ``name_or_path``: the id itself, the id of a Hub-cache snapshot path
+    (``.../models--ns--name/snapshots/<commit>``), else None (a local checkpoint, never shown as a path)."""
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    if is_hub_reference(name):
+        return name
+    match = _CACHE_SNAPSHOT.search(name)
+    if match and match["type"] == f"{repo_type}s":
+        return match["id"].replace("--", "/")  # a repo name never holds "--" (hub.check_repo_id)
+    return None
+
+
+def _local_name(name: str) -> str:
+    """A local source by its folder name (``_link`` would link a folder name that reads like a Hub id)."""
+    return f"`{_cell(name)}` (local)"
+
+
+def _bank_license(manifest: dict, anchor_license) -> tuple[str | list[str], str | None, str]:
+    """(Hub licence id(s), ``license_name`` for ``other``, where it comes from): the anchor's card, else the
+    training data's; ``unknown`` only with a warning."""
+    for value, source in ((anchor_license, "the anchor's (from its model card)"),
+                          (manifest["dataset"].get("license"), "the training data's")):  # fmt: skip
+        if value:
+            return (*hub_license(value), source)
+    warnings.warn(
+        "The expert bank's card says `license: unknown`: neither the anchor's model card nor the training data "
+        "names a licence. Add `license:` to the card's YAML (README.md) before publishing.",
+        stacklevel=3,
+    )
+    return "unknown", None, "unknown: neither the anchor's model card nor the training data names one"
+
+
+def _stock_draws(manifest: dict) -> list[tuple[int, int]]:
+    """Two (expert, 1-based epoch) checkpoints for the card's Model Stock example: the last epochs of the first
+    two experts, or the last two epochs of a single expert."""
+    experts = manifest["experts"]
+    if len(experts) > 1:
+        return [(0, len(experts[0]["epochs"])), (1, len(experts[1]["epochs"]))]
+    last = len(experts[0]["epochs"]) if experts else 1
+    return [(0, last), (0, max(last - 1, 1))]
+
+
+def expert_bank_card(manifest: dict, repo_id: str, size_bytes: int, anchor_license=None) -> ModelCard:
     """The model card of an expert bank (the experts of ``docs/method.md §2``) from its ``manifest.json`` content.
+
+    The YAML header follows the Hub's conventions for adapters: ``library_name: peft`` (LoRA banks),
+    ``base_model`` the anchor's Hub id (never a local path: a local anchor is named by its folder only, as every
+    published path is, :func:`mdm_hf.hub.redact_local_paths`), ``pipeline_tag``, ``datasets`` when the training
+    data is on the Hub, and the licence of the anchor, else of the training data.
 
     Args:
         repo_id: the Hub id (or the local directory) shown in the "use it" snippets.
         size_bytes: the bank's size on disk, shown in the introduction.
+        anchor_license: the ``license:`` of the anchor's model card, when known
+            (:func:`mdm_hf.bank.anchor_license`).
     """
-    anchor, kind = manifest["anchor"], manifest["kind"]
-    anchor_id = anchor["name_or_path"]
-    on_hub = not os.path.exists(anchor_id) and anchor_id.count("/") == 1
-    dataset = manifest["dataset"]["name"]
+    anchor, kind, dataset = manifest["anchor"], manifest["kind"], manifest["dataset"]
+    anchor_id = published_hub_id(anchor["name_or_path"], "model")
+    dataset_id = published_hub_id(dataset["name"], "dataset")
+    license_id, license_name, license_source = _bank_license(manifest, anchor_license)
     card_data = ModelCardData(
-        library_name="peft" if kind == "lora" else "transformers",
-        base_model=anchor_id if on_hub else None,
-        datasets=[dataset] if not os.path.exists(dataset) and dataset.count("/") == 1 else None,
-        tags=["mdm-hf", "dataset-distillation", "model-stock", "expert-bank", manifest["family"],
-              *(["lora"] if kind == "lora" else [])],
-    )  # fmt: skip
+        license=license_id,
+        license_name=license_name,
+        # A full-weight bank holds partial state dicts that neither peft nor transformers load on their own.
+        library_name="peft" if kind == "lora" else None,
+        base_model=anchor_id,
+        pipeline_tag=BANK_PIPELINE_TAG,
+        datasets=[dataset_id] if dataset_id else None,
+        tags=[*BANK_TAGS, manifest["family"], *(["lora"] if kind == "lora" else [])],
+    )
     rows = []
     for expert in manifest["experts"]:
         for ep in expert["epochs"]:
             val = ep.get("validation") or {}
             rows.append([expert["name"], expert["seed"], ep["epoch"], f"{ep['train_loss']:.4f}",
                          *(f"{val[k]:.1f}" if k in val else "–" for k in ("ir@1", "tr@1", "mean"))])  # fmt: skip
+    first = manifest["experts"][0] if manifest["experts"] else {"name": "expert-0", "epochs": [{"epoch": 1}]}
+    last = first["epochs"][-1]
+    published = redact_local_paths({"anchor": anchor["name_or_path"], "dataset": dataset["name"]})
     return render_model_card(
         BANK_TEMPLATE,
         card_data,
         repo_id=repo_id,
         anchor=anchor,
-        anchor_link=f"[{anchor_id}](https://huggingface.co/{anchor_id})" if on_hub else f"`{anchor_id}`",
+        anchor_ref=anchor_id or published["anchor"],
+        anchor_on_hub=anchor_id is not None,
+        anchor_link=_link(anchor_id, "models") if anchor_id else _local_name(published["anchor"]),
+        dataset_link=_link(dataset_id, "datasets") if dataset_id else _local_name(published["dataset"]),
         kind=kind,
         family=manifest["family"],
         lora=manifest.get("lora"),
         num_experts=len(manifest["experts"]),
         num_epochs=manifest["num_epochs"],
         seeds=manifest["seeds"],
-        dataset=manifest["dataset"],
+        dataset=dataset,
+        first_expert=first["name"],
+        first_checkpoint=last.get("path", f"{first['name']}/epoch-{last['epoch']}"),  # the bank's layout
+        stock_draws=_stock_draws(manifest),
         rows=rows,
         size_mb=f"{size_bytes / 2**20:.1f}",
-        training_yaml=yaml.safe_dump(manifest["training"], sort_keys=True).strip(),
+        license_id=license_id if isinstance(license_id, str) else ", ".join(license_id),
+        license_source=license_source,
+        training_yaml=yaml.safe_dump(redact_local_paths(manifest["training"]), sort_keys=True).strip(),
         created_with=manifest.get("created_with", "mdm-hf"),
     )
 

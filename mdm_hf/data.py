@@ -29,7 +29,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from huggingface_hub import DatasetCard
+from huggingface_hub import DatasetCard, ModelCard
 from PIL import Image
 
 from .config import DatasetArguments
@@ -381,16 +381,20 @@ def load_image_caption_dataset(
 
 
 @functools.lru_cache(maxsize=64)  # one read per dataset, not one per split loaded
-def card_license(name_or_path: str, revision: str | None = None) -> str | list[str] | None:
-    """The licence in a dataset's card (README YAML ``license:``), where ``datasets`` leaves ``info.license``
-    empty: a local folder's README, or the Hub card when the Hub is reachable. None when there is none."""
+def card_license(
+    name_or_path: str, revision: str | None = None, repo_type: str = "dataset"
+) -> str | list[str] | None:
+    """The licence in a dataset's (or, with ``repo_type="model"``, a model's) card (README YAML ``license:``),
+    where ``datasets`` leaves ``info.license`` empty: a local folder's README, or the Hub card when the Hub is
+    reachable. None when there is none."""
+    card_class = ModelCard if repo_type == "model" else DatasetCard
     try:
         if os.path.isdir(name_or_path):
             readme = Path(name_or_path) / "README.md"
-            return DatasetCard.load(readme).data.license if readme.is_file() else None
+            return card_class.load(readme).data.license if readme.is_file() else None
         if is_hub_offline() or not is_hub_id(name_or_path):
             return None
-        return DatasetCard.load(name_or_path, repo_type="dataset").data.license
+        return card_class.load(name_or_path, repo_type=repo_type).data.license
     except Exception as err:  # noqa: BLE001 - a missing or malformed card only means "licence unknown"
         logger.info("No licence read from the card of %s (%s).", name_or_path, err)
         return None

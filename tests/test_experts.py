@@ -465,6 +465,7 @@ def test_push_uploads_a_model_repo_without_the_token(banks, tmp_path, monkeypatc
             str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
         )
         calls["contents"] = b"".join(p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file())
+        calls["card"] = (Path(folder_path) / "README.md").read_text()
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -478,7 +479,8 @@ def test_push_uploads_a_model_repo_without_the_token(banks, tmp_path, monkeypatc
     assert {"manifest.json", "README.md", "expert-0/epoch-1/adapter_model.safetensors",
             "expert-1/epoch-2/adapter_config.json"} <= set(calls["files"])  # fmt: skip
     assert token.encode() not in calls["contents"]
-    assert 'load_expert_bank("someone/tiny-experts", anchor)' in (bank / "README.md").read_text()
+    assert 'load_expert_bank("someone/tiny-experts", anchor)' in calls["card"]  # rendered for the repo ...
+    assert "someone/tiny-experts" not in (bank / "README.md").read_text()  # ... not written into the bank
 
 
 # ---------------------------------------------------------------------------------------------- integration
