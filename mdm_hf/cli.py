@@ -94,20 +94,31 @@ def anchor_main(argv: Sequence[str]) -> int:
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
-    """``mdm-hf evaluate``: one method (``--method``), or ``--methods ...`` compared under one protocol."""
+    """``mdm-hf evaluate``: one method (``--method``), or ``--methods ...`` compared under one protocol; the results
+    go into the set's card with ``--update_card`` (a local set) and to the Hub with ``--push_to_hub``."""
     config = _parse_command(StudentConfig, argv, "evaluate")
     result = compare_methods(config) if config.methods else evaluate_student(config)
     print(format_results_table(result))
     print(f"\nProtocol: {result.protocol}")
     if config.output_dir:
         print(f"Results written to {os.path.abspath(config.output_dir)}")
-    if (
-        config.update_card
-    ):  # the set's card and metadata now carry the table (a local folder, checked at parse time)
+    synthetic = None
+    # the set's card and metadata carry the table (a local folder, checked at parse time)
+    if config.update_card:
         synthetic = SyntheticSet.from_pretrained(config.synthetic)
         synthetic.results = card_results(result)
         synthetic.save_pretrained(config.synthetic, overwrite=True)
         print(f"Results written into the card of {config.synthetic}")
+    # a local set was updated above (--push_to_hub implies --update_card); a set on the Hub is updated here
+    if config.push_to_hub:
+        if synthetic is None:
+            synthetic = SyntheticSet.from_pretrained(config.synthetic, config.synthetic_revision)
+            synthetic.results = card_results(result)
+        local = config.synthetic if config.update_card else None
+        url = synthetic.push_to_hub(
+            config.hub_dataset_id, private=config.hub_private or None, local_dir=local
+        )
+        print(f"Pushed the set with its results to {url}")
     return 0
 
 

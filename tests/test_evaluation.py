@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import runpy
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,7 @@ def small_config(model_dir: str, dataset_dir: str, tmp_path: Path, **overrides) 
         max_steps=4,
         full_max_steps=4,
         eval_steps=2,
-        batch_size=8,
+        per_device_train_batch_size=8,
         num_pairs=8,
         num_seeds=1,
         logging_steps=1,
@@ -324,7 +326,7 @@ def test_paper_track_cross_architecture_student(tiny_model_dirs, tiny_dataset_di
         eval_epochs=1.0,
         method="kcenter",
     )
-    assert (config.optimizer, config.learn_temperature, config.lr_scheduler) == ("sgd", False, "step")
+    assert (config.optimizer, config.learn_temperature, config.lr_scheduler_type) == ("sgd", False, "step")
     evaluator = StudentEvaluator(config)
     assert evaluator.student_space == PixelSpace.make([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 24)
     assert evaluator.validation.images.shape[-2:] == (24, 24)
@@ -449,9 +451,9 @@ class _FakeSet:
 
 
 def test_bad_configurations_are_explained(tiny_clip_dir, tiny_dataset_dir, tmp_path):
-    with pytest.raises(ValueError, match="preset must be one of"):
+    with pytest.raises(ValueError, match=r"preset='fast' \(expected one of 'paper', 'small'\)"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, preset="fast")
-    with pytest.raises(ValueError, match=r"StudentConfig\.method='forgetting'; choose one of"):
+    with pytest.raises(ValueError, match=r"method='forgetting' \(expected one of 'synthetic', 'random'"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, method="forgetting")
     with pytest.raises(ValueError, match="keep_pretrained_head"):
         small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, keep_pretrained_head=True, track="paper")
@@ -591,7 +593,8 @@ def test_evaluate_update_card_writes_the_results_into_the_set(
     real_pairs_as_synthetic(clip_evaluator, method="MDM").save_pretrained(synthetic_dir)
     argv = ["--config", str(REPO / "recipes" / "configs" / "evaluate_tiny.yaml"), "--model_name_or_path", tiny_clip_dir,
             "--dataset_name", tiny_dataset_dir, "--synthetic", str(synthetic_dir), "--methods", "synthetic", "random",
-            "--cache_dir", str(tmp_path / "cache"), "--update_card", "true"]  # fmt: skip
+            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "eval"),
+            "--update_card", "true"]  # fmt: skip
     assert evaluate_main(argv) == 0
     card = (synthetic_dir / "README.md").read_text()
     assert (
@@ -605,3 +608,337 @@ def test_evaluate_update_card_writes_the_results_into_the_set(
     ]
     with pytest.raises(ValueError, match="--update_card needs --synthetic to be a local folder"):
         evaluate_main([*argv[:-4], "--synthetic", "user/remote-set", "--update_card", "true"])
+
+
+# ============================================================================================ TrainingArguments names
+def test_old_names_are_deprecated_aliases_of_the_training_arguments_names(
+    tiny_clip_dir, tiny_dataset_dir, tmp_path, caplog
+):
+    from mdm_hf.config import parse_dataclass_args
+
+    with caplog.at_level(logging.WARNING, logger="mdm_hf"):
+        config = small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, per_device_train_batch_size=None,
+                              batch_size=4, eval_batch_size=32, lr_scheduler="cosine")  # fmt: skip
+    assert (config.per_device_train_batch_size, config.per_device_eval_batch_size, config.lr_scheduler_type) == (
+        4, 32, "cosine",
+    )  # fmt: skip
+    for old in ("batch_size", "eval_batch_size", "lr_scheduler"):
+        assert f"--{old} is deprecated" in caplog.text, old
+    assert not set(config.deprecated_fields) & set(config.to_dict())  # results record the current names only
+    # resolved once: dataclasses.replace (which runs __post_init__ again) sees no alias, hence no conflict
+    assert dataclasses.replace(config, seed=1).per_device_train_batch_size == 4
+    with pytest.raises(ValueError, match="deprecated alias of --per_device_train_batch_size"):
+        small_config(tiny_clip_dir, tiny_dataset_dir, tmp_path, batch_size=4)  # small_config gives 8 as well
+
+    # the command line and YAML files keep the old spellings working too
+    common = ["--model_name_or_path", tiny_clip_dir, "--dataset_name", tiny_dataset_dir]
+    parsed = parse_dataclass_args(StudentConfig, [*common, "--batch_size", "4", "--lr_scheduler", "step"])
+    assert (parsed.per_device_train_batch_size, parsed.lr_scheduler_type) == (4, "step")
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text("preset: small\nbatch_size: 16\neval_batch_size: 64\n")
+    parsed = parse_dataclass_args(StudentConfig, ["--config", str(old_yaml), *common])
+    assert (parsed.per_device_train_batch_size, parsed.per_device_eval_batch_size) == (16, 64)
+
+    # --progress meant "show the bars": it is the opposite of --disable_tqdm, not an alias of it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mdm_hf"):
+        assert parse_dataclass_args(StudentConfig, [*common, "--progress"]).disable_tqdm is False
+        assert parse_dataclass_args(StudentConfig, [*common, "--progress", "false"]).disable_tqdm is True
+    assert "--progress is deprecated" in caplog.text
+    assert parse_dataclass_args(StudentConfig, [*common, "--disable_tqdm"]).disable_tqdm is True
+    assert parse_dataclass_args(StudentConfig, common).disable_tqdm is None
+    with pytest.raises(ValueError, match="--progress=True and --disable_tqdm=True disagree"):
+        parse_dataclass_args(StudentConfig, [*common, "--progress", "--disable_tqdm"])
+
+
+def _choices(annotation) -> tuple | None:
+    """The values of a Literal annotation (optionally ``| None``), else None."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is typing.Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def test_help_lists_every_choice_and_the_presets_defaults(capsys):
+    from mdm_hf.config import parse_dataclass_args
+    from mdm_hf.students.config import METHODS, PRESETS
+
+    hints = typing.get_type_hints(StudentConfig)
+    literal = {name: _choices(hint) for name, hint in hints.items() if _choices(hint)}
+    fixed = {"method", "track", "text_source", "text_model_pooling", "text_head", "optimizer", "lr_scheduler_type",
+             "augment_mode", "preset", "text_pooling"}  # fmt: skip
+    assert fixed <= set(literal)
+    assert literal["method"] == (*METHODS, "mdm") and set(literal["preset"]) == set(PRESETS)
+    with pytest.raises(SystemExit) as done:
+        parse_dataclass_args(StudentConfig, ["--help"], prog="mdm-hf evaluate")
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, choices in literal.items():
+        assert f"--{name} {{{','.join(map(str, choices))}}}" in text, name
+    # the preset-filled fields show what each preset gives them, under their TrainingArguments names
+    assert (
+        "--per_device_train_batch_size" in text and "Default from --preset (paper: 256; small: 128)" in text
+    )
+    assert "Default from --preset (paper: step; small: constant)" in text
+    assert "Deprecated alias of --lr_scheduler_type" in text
+    with pytest.raises(SystemExit):  # refused while the line is parsed ...
+        parse_dataclass_args(StudentConfig, ["--optimizer", "rmsprop"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(
+        ValueError, match=r"optimizer='rmsprop' \(expected one of 'sgd', 'adamw', 'adam' or None\)"
+    ):
+        StudentConfig(optimizer="rmsprop")  # ... and by the Python API
+
+
+def test_report_to_logging_steps_and_progress_reach_the_trainer(
+    clip_evaluator, tmp_path, monkeypatch, capsys
+):
+    import transformers
+
+    def arguments(**changes):
+        cfg = dataclasses.replace(clip_evaluator.config, **changes)
+        return student_trainer._training_arguments(cfg, str(tmp_path / "scratch"), 8, 4, 0, True)
+
+    args = arguments(report_to="tensorboard", logging_steps=3, disable_tqdm=True)
+    assert (args.report_to, args.logging_steps, args.disable_tqdm) == (["tensorboard"], 3, True)
+    assert (
+        args.eval_strategy == "no"
+        and args.per_device_eval_batch_size == clip_evaluator.config.per_device_eval_batch_size
+    )
+    default = arguments()
+    assert default.report_to == [] and default.logging_steps == 1
+    # disable_tqdm=None is transformers' own default: bars shown unless its verbosity is above warning
+    assert default.disable_tqdm is (transformers.logging.get_verbosity() > logging.WARNING)
+
+    # the distiller's validation students hide their bars unless asked; evaluate's students follow the config
+    seen = []
+    original = student_evaluator.fit_student
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["disable_tqdm"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(student_evaluator, "fit_student", spy)
+    clip_evaluator.train_student(clip_evaluator.pairs("random", 0), seed=0, method="random", max_steps=1)
+    synthetic = real_pairs_as_synthetic(clip_evaluator)
+    student_validation_fn(clip_evaluator.config, teacher=clip_evaluator.teacher, max_steps=1)(synthetic, 0)
+    shown = dataclasses.replace(clip_evaluator.config, disable_tqdm=False)
+    student_validation_fn(shown, teacher=clip_evaluator.teacher, max_steps=1)(synthetic, 0)
+    assert seen == [None, True, False]
+
+    # several students: one bar over them instead of a Trainer bar each; one student: the Trainer's bar
+    seen.clear()
+    capsys.readouterr()
+    two = dataclasses.replace(
+        clip_evaluator.config, method="random", num_seeds=2, max_steps=1, output_dir=None
+    )
+    evaluate_student(two, teacher=clip_evaluator.teacher)
+    assert seen == [True, True] and "students: 100%" in capsys.readouterr().err
+    evaluate_student(dataclasses.replace(two, num_seeds=1), teacher=clip_evaluator.teacher)
+    assert seen == [True, True, None] and "students:" not in capsys.readouterr().err
+
+
+def test_report_to_tensorboard_logs_the_loss_and_the_validation_scores(clip_evaluator, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = dataclasses.replace(
+        clip_evaluator.config, report_to="tensorboard", output_dir=str(tmp_path / "out")
+    )
+    evaluator = StudentEvaluator(config, teacher=clip_evaluator.teacher)
+    run = evaluator.train_student(evaluator.pairs("random", 0), seed=0, method="random")
+    run_dir = tmp_path / "out" / "students" / "random-seed0"
+    events = sorted(run_dir.rglob("events.out.tfevents.*"))
+    assert events and all(p.relative_to(run_dir).parts[0] == "runs" for p in events)
+    logged = EventAccumulator(str(events[0].parent))
+    logged.Reload()
+    assert {"train/loss", "eval/mean", "eval/ir@1"} <= set(logged.Tags()["scalars"])
+    assert (
+        [e.step for e in logged.Scalars("train/loss")]
+        == [entry["step"] for entry in run.losses]
+        == [1, 2, 3, 4]
+    )
+    scores = logged.Scalars("eval/mean")
+    assert [e.step for e in scores] == [h["step"] for h in run.history] == [0, 2, 4]
+    assert [e.value for e in scores] == pytest.approx([h["mean"] for h in run.history])
+    assert not (run_dir / "config.json").exists()  # logged, not saved: --save_students is off
+
+
+# ============================================================================================ saved students
+def assert_no_pickle(directory: Path) -> None:
+    """No file that ``torch.load`` / ``pickle`` would read: no .bin / .pt, no pickle or torch zip signature."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            assert path.suffix not in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"), path
+            head = path.read_bytes()[:2]
+            assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), path
+            assert head != b"PK", path  # torch.save's zip archive
+
+
+def test_saved_students_load_with_automodel_and_give_the_same_embeddings(clip_evaluator, tmp_path):
+    """--save_students: a CLIP-family student is a CLIPModel (AutoModel and CLIPModel load it), with its tokenizer and
+    image processor, safetensors only; its image and text embeddings are the student's."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+
+    from mdm_hf.models import DualEncoder
+
+    config = dataclasses.replace(clip_evaluator.config, save_students=True, output_dir=str(tmp_path / "out"))
+    evaluator = StudentEvaluator(config, teacher=clip_evaluator.teacher)
+    run = evaluator.train_student(evaluator.pairs("random", 0), seed=0, method="random", max_steps=2)
+    saved = tmp_path / "out" / "students" / "random-seed0"
+    files = {p.name for p in saved.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json", "README.md",
+            "mdm_student.json"} <= files  # fmt: skip
+    assert_no_pickle(saved)
+    info = json.loads((saved / "mdm_student.json").read_text())
+    assert (info["layout"], info["method"], info["seed"], info["best_step"]) == (
+        "CLIPModel",
+        "random",
+        0,
+        run.best_step,
+    )
+    assert "AutoModel.from_pretrained" in (saved / "README.md").read_text()
+
+    train = evaluator.train_split()["data"]
+    captions = list(train.captions[:5])
+    images = evaluator.validation.images[:4]
+    student = run.model.eval()
+    with torch.no_grad():
+        expected_images = student.encode_image(images)
+        expected_texts = student.encode_text(evaluator.teacher.encode_text_features(captions))
+        # the saved tokenizer truncates at the text tower's length (the teacher's needed max_length)
+        tokens = AutoTokenizer.from_pretrained(saved)(
+            captions, padding=True, truncation=True, return_tensors="pt"
+        )
+        for model in (AutoModel.from_pretrained(saved), CLIPModel.from_pretrained(saved)):
+            assert type(model) is CLIPModel
+            zv = F.normalize(model.get_image_features(pixel_values=images).pooler_output, dim=-1)
+            zt = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+            torch.testing.assert_close(zv, expected_images, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(zt, expected_texts, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.logit_scale.exp(), student.logit_scale.detach())
+    # the processor gives the pixels the student was scored on, and mdm-hf can use the student as a teacher
+    image = train.image(0)
+    pixels = AutoImageProcessor.from_pretrained(saved)(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, evaluator.teacher.preprocess_images([image]))
+    as_teacher = DualEncoder.from_pretrained(str(saved))
+    torch.testing.assert_close(as_teacher.image_embeds(images), expected_images, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family, keep_head, layout",
+    [("dual_encoder", False, "VisionTextDualEncoderModel"), ("siglip", True, "SiglipModel")],
+)
+def test_other_dual_encoder_students_are_saved_as_their_transformers_class(
+    family, keep_head, layout, tiny_model_dirs, tiny_dataset_dir, tmp_path
+):
+    """A VisionTextDualEncoder student (mean-pooled MiniLM-style text tower, recorded as mdm_text_pooling) and a
+    SigLIP student without a visual projection: AutoModel loads each, with the student's embeddings."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from mdm_hf.models import DualEncoder
+
+    config = small_config(tiny_model_dirs[family], tiny_dataset_dir, tmp_path, keep_pretrained_head=keep_head,
+                          save_students=True)  # fmt: skip
+    evaluator = StudentEvaluator(config)
+    torch.manual_seed(0)
+    student = evaluator.build_student().eval()
+    run = student_trainer.StudentRun(student, 0, {"mean": 0.0}, [], [], 0, 0.0)
+    saved = evaluator.save_student(run, "random", 0, pairs=8)
+    assert_no_pickle(saved)
+    model = AutoModel.from_pretrained(saved)
+    assert type(model).__name__ == layout and model.config.mdm_text_pooling == evaluator.teacher.text_pooling
+    captions = list(evaluator.train_split()["data"].captions[:5])
+    images = evaluator.validation.images[:4]
+    with torch.no_grad():
+        expected_texts = student.encode_text(evaluator.teacher.encode_text_features(captions))
+        zv = F.normalize(model.get_image_features(pixel_values=images).pooler_output, dim=-1)
+        torch.testing.assert_close(zv, student.encode_image(images), atol=1e-5, rtol=1e-5)
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+        if layout == "SiglipModel":  # SigLIP's text: padded to max_length, no attention mask
+            length = model.config.text_config.max_position_embeddings
+            ids = tokenizer(
+                captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            )
+            assert tokenizer.model_max_length == length
+            zt = model.get_text_features(input_ids=ids["input_ids"]).pooler_output
+        else:  # mean pooling with plain transformers, then the text projection
+            tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+            hidden = model.text_model(**tokens).last_hidden_state
+            mask = tokens["attention_mask"].unsqueeze(-1).float()
+            zt = model.text_projection((hidden * mask).sum(1) / mask.sum(1))
+        torch.testing.assert_close(F.normalize(zt, dim=-1), expected_texts, atol=1e-5, rtol=1e-5)
+        # mdm-hf's own loader applies the recorded pooling
+        as_teacher = DualEncoder.from_pretrained(str(saved))
+        torch.testing.assert_close(
+            as_teacher.project_text(as_teacher.encode_text_features(captions)),
+            expected_texts,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_a_student_no_transformers_class_represents_is_saved_as_its_state_dict(
+    clip_evaluator, tmp_path, caplog
+):
+    """A ResNet image backbone has no single pooled feature size for a transformers dual encoder's projection: the
+    student is saved as its state dict (safetensors), with a warning saying why, and rebuilds exactly."""
+    from safetensors.torch import load_file
+
+    resnet = '{"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 12], "depths": [1, 1]}'
+    config = dataclasses.replace(clip_evaluator.config, vision_config=resnet, save_students=True,
+                                 output_dir=str(tmp_path / "out"))  # fmt: skip
+    evaluator = StudentEvaluator(config, teacher=clip_evaluator.teacher)
+    torch.manual_seed(0)
+    student = evaluator.build_student().eval()
+    with caplog.at_level(logging.WARNING, logger="mdm_hf"):
+        saved = evaluator.save_student(
+            student_trainer.StudentRun(student, 0, {}, [], [], 0, 0.0), "kcenter", 1
+        )
+    assert "as a state dict" in caplog.text and "no single pooled feature size" in caplog.text
+    assert saved == tmp_path / "out" / "students" / "kcenter-seed1"
+    assert not (saved / "config.json").exists() and (saved / "tokenizer_config.json").exists()
+    assert_no_pickle(saved)
+    assert json.loads((saved / "mdm_student.json").read_text())["layout"] == "StudentModel"
+    rebuilt = evaluator.build_student().eval()
+    rebuilt.load_state_dict(load_file(saved / "student.safetensors"))
+    images = evaluator.validation.images[:3]
+    with torch.no_grad():
+        assert torch.equal(rebuilt.encode_image(images), student.encode_image(images))
+
+
+# ============================================================================================ the Hub
+def test_evaluate_push_to_hub_uploads_the_set_with_its_results(
+    clip_evaluator, tiny_clip_dir, tiny_dataset_dir, tmp_path, monkeypatch
+):
+    from mdm_hf import testing
+    from mdm_hf.cli import evaluate_main
+    from mdm_hf.synthetic import SyntheticSet
+
+    hub_calls = testing.record_hub_calls(monkeypatch)
+    synthetic_dir = tmp_path / "synthetic"
+    real_pairs_as_synthetic(clip_evaluator, method="MDM").save_pretrained(synthetic_dir)
+    common = ["--config", str(REPO / "recipes" / "configs" / "evaluate_tiny.yaml"), "--model_name_or_path",
+              tiny_clip_dir, "--dataset_name", tiny_dataset_dir, "--cache_dir", str(tmp_path / "cache"),
+              "--output_dir", str(tmp_path / "eval")]  # fmt: skip
+    argv = [*common, "--synthetic", str(synthetic_dir), "--methods", "synthetic", "--push_to_hub",
+            "--hub_dataset_id", "me/tiny-mdm-8", "--hub_private"]  # fmt: skip
+    assert evaluate_main(argv) == 0
+    (repo,) = hub_calls["create_repo"]
+    assert (repo["repo_id"], repo["repo_type"], repo["private"]) == ("me/tiny-mdm-8", "dataset", True)
+    (upload,) = hub_calls["upload_folder"]
+    assert upload["repo_id"] == "me/tiny-mdm-8" and upload["folder_path"] == str(synthetic_dir)
+    assert {"README.md", "mdm_synthetic.json"} <= set(upload["files"])
+    # --push_to_hub implied --update_card: the local copy that was uploaded carries the results
+    card = (synthetic_dir / "README.md").read_text()
+    assert "| MDM | 8 |" in card and 'load_dataset("me/tiny-mdm-8"' in card
+    assert [r["method"] for r in SyntheticSet.from_pretrained(synthetic_dir).results["rows"]] == ["MDM"]
+
+    # checked while the line is parsed, before any student trains
+    for extra, message in (
+        (["--synthetic", str(synthetic_dir), "--push_to_hub"], "needs --hub_dataset_id"),
+        (["--synthetic", str(synthetic_dir), "--push_to_hub", "--hub_dataset_id", "no-namespace"], "Invalid Hub repo"),
+        (["--methods", "random", "--num_pairs", "8", "--push_to_hub", "--hub_dataset_id", "me/x"], "needs --synthetic"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            evaluate_main([*common, *extra])
+    assert len(hub_calls["upload_folder"]) == 1

@@ -7,6 +7,8 @@ module                 what it holds
 ``students.model``     pixel spaces (:class:`PixelSpace`, :func:`convert_pixels`), :class:`StudentModel`, vision
                        backbones, :class:`FrozenTextEncoder`
 ``students.trainer``   :class:`StudentTrainer`, :class:`ValidationSelectionCallback`, :class:`FeaturePairDataset`
+``students.saving``    :func:`save_student` (``--save_students``): a student as the CLIPModel / SiglipModel /
+                       VisionTextDualEncoderModel that ``AutoModel`` loads (:func:`student_to_transformers`)
 ``students.evaluator`` :class:`StudentEvaluator`, :func:`evaluate_student`, :func:`compare_methods`,
                        :func:`student_validation_fn`
 ``students.results``   typed results (:class:`StudentRecord`, :class:`ResultRow`, :class:`StudentResult`,
@@ -53,6 +55,7 @@ from .results import (
     method_label,
     save_results,
 )
+from .saving import NoTransformersLayout, save_student, student_to_transformers
 from .trainer import (
     FeaturePairDataset,
     LazyImages,
@@ -73,6 +76,7 @@ __all__ = [
     "METHOD_ALIASES",
     "METHOD_LABELS",
     "METRIC_NAMES",
+    "NoTransformersLayout",
     "PRESETS",
     "PixelSpace",
     "PretrainedHead",
@@ -101,7 +105,8 @@ __all__ = [
     "load_vision_backbone",
     "method_label",
     "save_results",
+    "save_student",
+    "student_to_transformers",
     "student_validation_fn",
-    "validation_hook",
     "validation_hook",
 ]

@@ -19,6 +19,7 @@ import platform
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +51,8 @@ from .results import (
     method_label,
     save_results,
 )
-from .trainer import FeaturePairDataset, LazyImages, StudentRun, fit_student
+from .saving import save_student, student_info
+from .trainer import FeaturePairDataset, LazyImages, StudentRun, fit_student, students_bar
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,9 @@ class StudentEvaluator:
         self._test: EvalSplit | None = None
         self._train: dict | None = None
         self._synthetic = None
+        # A bar over the students of a run (evaluate_student / compare_methods with several students); while it is
+        # shown, each student's Trainer bar is hidden unless disable_tqdm=False asks for them.
+        self.progress = None
 
     # ------------------------------------------------------------------ data
     def _text_features(self, data) -> torch.Tensor:
@@ -215,9 +220,8 @@ class StudentEvaluator:
                 if self.text_encoder is self.teacher
                 else cached_text_features(self.teacher, data, self.config.cache_dir)
             )
-            zv, zt = embed_pairs(
-                self.teacher, data, text, train["teacher_pixels"], batch_size=self.config.eval_batch_size
-            )
+            batch = self.config.per_device_eval_batch_size
+            zv, zt = embed_pairs(self.teacher, data, text, train["teacher_pixels"], batch_size=batch)
             train["joint"] = joint_features(zv.float(), zt.float())
         return train["joint"]
 
@@ -316,29 +320,55 @@ class StudentEvaluator:
     def train_student(
         self, pairs: FeaturePairDataset, seed: int, method: str = "synthetic", max_steps: int | None = None
     ) -> StudentRun:
-        """Train one student on ``pairs`` (seeded); validation picks the step; the selected state is loaded."""
+        """Train one student on ``pairs`` (seeded); validation picks the step; the selected state is loaded and,
+        with ``save_students``, saved (:meth:`save_student`).
+
+        The Trainer's progress bar follows ``disable_tqdm``; left at ``None`` it is hidden for a validation-only
+        evaluator (the distiller's hook: a student every few iterations would break the distillation's bar) and
+        while :attr:`progress` (one bar over many students) is shown."""
         set_seed(seed)
         model = self.build_student()
-        batch_size = self.config.eval_batch_size
-        return fit_student(
-            model,
-            pairs,
-            self.config,
-            seed,
-            lambda m: evaluate_split(m, self.validation, batch_size),
-            method=method,
-            max_steps=max_steps,
+        batch_size = self.config.per_device_eval_batch_size
+        disable_tqdm = self.config.disable_tqdm
+        if disable_tqdm is None and (self.validation_only or self.progress is not None):
+            disable_tqdm = True
+        score = lambda m: evaluate_split(m, self.validation, batch_size)  # noqa: E731
+        run = fit_student(
+            model, pairs, self.config, seed, score, method, max_steps, disable_tqdm=disable_tqdm
         )
+        if self.config.save_students:
+            self.save_student(run, method, seed, pairs=len(pairs))
+        return run
+
+    def student_dir(self, method: str, seed: int) -> Path:
+        """Where ``save_students`` writes a student: ``output_dir/students/<method>-seed<seed>``."""
+        return Path(self.config.output_dir) / "students" / f"{method}-seed{seed}"
+
+    def save_student(self, run: StudentRun, method: str, seed: int, pairs: int | None = None) -> Path:
+        """Save a trained student under :meth:`student_dir` with :func:`~mdm_hf.students.saving.save_student`: a
+        CLIPModel, SiglipModel or VisionTextDualEncoderModel that ``transformers.AutoModel`` loads, with its
+        tokenizer and image processor; safetensors only."""
+        directory = self.student_dir(method, seed)
+        info = student_info(self.config, run, method, seed, pairs, self.protocol())
+        layout = save_student(run.model, directory, self.text_encoder, self.teacher.image_processor, self.teacher_space,
+                              self.student_space, info)  # fmt: skip
+        logger.info("%s seed %d: student saved to %s (%s)", method, seed, directory, layout)
+        return directory
 
     def run(self, method: str, seed: int, synthetic=None) -> StudentRecord:
         """Train, select on validation, score the selected student ONCE on test."""
         (method,) = check_methods([method])
         pairs = self.pairs(method, seed, synthetic)
         run = self.train_student(pairs, seed, method)
-        test = evaluate_split(run.model, self.test, self.config.eval_batch_size)
+        test = evaluate_split(run.model, self.test, self.config.per_device_eval_batch_size)
         logger.info(
             "%s seed %d: best validation step %d, test mean %.2f", method, seed, run.best_step, test["mean"]
         )
+        if self.progress is not None:
+            self.progress.set_postfix_str(
+                f"{method} seed {seed}: test mean {test['mean']:.2f}", refresh=False
+            )
+            self.progress.update(1)
         return StudentRecord(
             method=method, seed=seed, pairs=len(pairs), best_step=run.best_step, steps=run.steps,
             train_seconds=run.seconds, validation=run.validation, test=test, validation_history=run.history,
@@ -367,8 +397,8 @@ class StudentEvaluator:
         length = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epochs"
         return (
             f"{cfg.track} track: vision tower from {vision} trained in full, frozen text tower of {text}, {head} "
-            f"({tau}); {cfg.optimizer} lr {cfg.learning_rate:g} ({cfg.lr_scheduler}), {length}, batch "
-            f"{cfg.batch_size}, augmentation {cfg.augment} ({cfg.augment_mode}); step selected on "
+            f"({tau}); {cfg.optimizer} lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), {length}, batch "
+            f"{cfg.per_device_train_batch_size}, augmentation {cfg.augment} ({cfg.augment_mode}); step selected on "
             f"'{cfg.validation_split}' mean recall, '{cfg.test_split}' scored once; mean ± std over "
             f"{cfg.num_seeds} seed(s) ({self.config.preset} preset)."
         )
@@ -395,7 +425,8 @@ def evaluate_student(config: StudentConfig, synthetic=None, teacher=None) -> Stu
     ``output_dir/student_<method>.json`` (``StudentResult.to_dict()``) with its table in ``.md``.
     """
     evaluator = StudentEvaluator(config, teacher=teacher)
-    row = evaluator.result_row(config.method, synthetic)
+    with students_bar(config.num_seeds, config.disable_tqdm) as evaluator.progress:
+        row = evaluator.result_row(config.method, synthetic)
     result = StudentResult(row, evaluator.protocol(), config.to_dict(), environment())
     save_results(result, config.output_dir, f"student_{config.method}")
     return result
@@ -427,7 +458,8 @@ def compare_methods(
     if not methods:
         raise ValueError("compare_methods needs at least one method.")
     evaluator = StudentEvaluator(config, teacher=teacher)
-    rows = [evaluator.result_row(m, synthetic) for m in methods]
+    with students_bar(len(methods) * config.num_seeds, config.disable_tqdm) as evaluator.progress:
+        rows = [evaluator.result_row(m, synthetic) for m in methods]
     notes = (
         f"Test-split recall (%) of students whose step was selected on '{config.validation_split}'; each "
         f"selected student is scored once on '{config.test_split}'. Coresets are chosen on the teacher's joint "

@@ -12,6 +12,8 @@ how they are scored :mod:`mdm_hf.students.evaluator`.
   feature space), a text projection and a temperature, all freshly initialised by default
   (``keep_pretrained_head=True`` keeps a CLIP/SigLIP checkpoint's own head; report such students separately).
 
+Trained students are saved by :mod:`mdm_hf.students.saving`.
+
 Pixel spaces: synthetic pixels live in the teacher's normalised space (the set's ``image_mean`` / ``image_std``);
 real images are preprocessed with the teacher's image processor. A student whose processor differs gets
 ``x_student = resize((x * std_src + mean_src - mean_student) / std_student, student_size)`` (see

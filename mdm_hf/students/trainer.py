@@ -5,12 +5,17 @@ pixels, SGD / AdamW / Adam with the paper's step schedule (or cosine / constant)
 scores the student on the **validation** split at step 0, every ``eval_steps`` and at the end, and keeps the best
 state; :func:`fit_student` loads that state back. Nothing here ever sees the test split.
 
+The Trainer's own evaluation stays off (``eval_strategy="no"``): it computes a loss on an eval dataset, while a
+student is selected on validation *retrieval* recall, with its best state kept in memory rather than in checkpoints.
+Its scores still reach the trackers of ``report_to`` (as ``eval/<metric>``), next to the training loss.
+
 The training pairs are :class:`FeaturePairDataset`: student-space pixels with a frozen text feature each (unlike
 :class:`mdm_hf.data.PairDataset`, which yields real pairs by caption index for the teacher).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -24,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from transformers.trainer_callback import PrinterCallback
 
 from ..augment import DiffAugment
+from ..config import trackers
 from ..losses import clip_contrastive_loss
 from .config import StudentConfig
 from .model import PixelSpace, StudentModel, convert_pixels
@@ -35,6 +41,7 @@ __all__ = [
     "StudentTrainer",
     "ValidationSelectionCallback",
     "fit_student",
+    "students_bar",
 ]
 
 
@@ -74,7 +81,8 @@ class ValidationSelectionCallback(TrainerCallback):
     """Scores the student on the validation split at step 0, every ``eval_steps`` and at the end; keeps the best.
 
     The best state (by ``metric``, ties keep the earlier step) is a CPU copy of the full ``state_dict`` (buffers
-    such as BatchNorm statistics included).
+    such as BatchNorm statistics included). ``log`` (e.g. ``Trainer.log``, set by :func:`fit_student`) receives each
+    score as ``{"eval_<metric>": value}``, so ``report_to`` trackers and the progress bar show it.
     """
 
     def __init__(
@@ -91,31 +99,41 @@ class ValidationSelectionCallback(TrainerCallback):
         self.best_step: int | None = None
         self.best_metrics: dict | None = None
         self.losses: list[dict] = []
+        self.log: Callable[[dict], None] | None = None
         self._since_best = 0
 
-    def _evaluate(self, model: nn.Module, step: int) -> None:
+    def _evaluate(self, model: nn.Module, step: int, log: bool = True) -> None:
         if self.history and self.history[-1]["step"] == step:
             return
         metrics = self.score(model)
         self.history.append({"step": step, **metrics})
+        if log and self.log is not None:
+            self.log({f"eval_{name}": float(value) for name, value in metrics.items()})
         if self.best_metrics is None or metrics[self.metric] > self.best_metrics[self.metric]:
             self.best_metrics, self.best_step, self._since_best = dict(metrics), step, 0
             self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             self._since_best += 1
 
+    def _evaluate_logged(self, model: nn.Module, step: int, control) -> None:
+        # Trainer.log clears control.should_log, which may be set for this step's training loss: keep it.
+        should_log = control.should_log
+        self._evaluate(model, step)
+        control.should_log = should_log
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._evaluate(model, 0)
+        self._evaluate_logged(model, 0, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if step % self.eval_steps == 0 or step >= state.max_steps:
-            self._evaluate(model, step)
+            self._evaluate_logged(model, step, control)
             if self.patience is not None and self._since_best >= self.patience:
                 control.should_training_stop = True
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._evaluate(model, state.global_step)
+        # Not logged: the trackers have closed by now (the last step was scored, and logged, in on_step_end).
+        self._evaluate(model, state.global_step, log=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -167,13 +185,13 @@ class StudentTrainer(Trainer):
         if self.lr_scheduler is None:
             cfg = self.student_config
             optimizer = optimizer or self.optimizer
-            if cfg.lr_scheduler == "step":
+            if cfg.lr_scheduler_type == "step":
                 milestones = sorted(round(e * self.steps_per_epoch) for e in cfg.lr_decay_epochs)
 
                 def factor(step: int) -> float:  # lr x decay after each milestone (paper: x0.1 at epoch 51)
                     return cfg.lr_decay_factor ** sum(step >= m for m in milestones)
 
-            elif cfg.lr_scheduler == "cosine":
+            elif cfg.lr_scheduler_type == "cosine":
 
                 def factor(step: int) -> float:
                     return 0.5 * (
@@ -204,28 +222,38 @@ class StudentRun:
 
 
 def _training_arguments(
-    cfg: StudentConfig, output_dir: str, batch: int, total: int, seed: int, use_cpu: bool
+    cfg: StudentConfig,
+    output_dir: str,
+    batch: int,
+    total: int,
+    seed: int,
+    use_cpu: bool,
+    run_name: str | None = None,
+    disable_tqdm: bool | None = None,
 ) -> TrainingArguments:
-    """The Trainer's arguments: the loop, logging and devices; the optimiser and schedule come from ``cfg``."""
+    """The Trainer's arguments: the loop, logging, trackers and devices; the optimiser and schedule come from
+    ``cfg``. ``disable_tqdm``: ``None`` is ``cfg.disable_tqdm`` (and ``None`` there, transformers' default)."""
     return TrainingArguments(
         output_dir=output_dir,
+        run_name=run_name,
         per_device_train_batch_size=batch,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         max_steps=total,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         seed=seed,
         data_seed=seed,
-        report_to="none",
+        report_to=trackers(cfg.report_to) or "none",
         save_strategy="no",
-        eval_strategy="no",
+        eval_strategy="no",  # selection is ValidationSelectionCallback's (validation recall), see the module doc
         logging_strategy="steps" if cfg.logging_steps > 0 else "no",
         logging_steps=max(1, cfg.logging_steps),
         use_cpu=use_cpu,
         dataloader_num_workers=cfg.num_workers,
         dataloader_pin_memory=not use_cpu,
         remove_unused_columns=False,
-        disable_tqdm=not cfg.progress,
+        disable_tqdm=cfg.disable_tqdm if disable_tqdm is None else disable_tqdm,
     )
 
 
@@ -237,12 +265,17 @@ def fit_student(
     score: Callable[[nn.Module], dict],
     method: str = "synthetic",
     max_steps: int | None = None,
+    disable_tqdm: bool | None = None,
 ) -> StudentRun:
     """Train ``model`` on ``pairs``; ``score`` (validation metrics) picks the step; the selected state is loaded.
 
-    ``max_steps`` defaults to the config's (``full_max_steps`` for method ``"full"`` when set).
+    ``max_steps`` defaults to the config's (``full_max_steps`` for method ``"full"`` when set); ``disable_tqdm``
+    to the config's. The Trainer's ``output_dir`` is ``output_dir/students/<method>-seed<seed>`` when the student
+    is saved or logged to a tracker (tensorboard writes its ``runs/`` there), else a scratch folder: it writes
+    nothing else (no checkpoints). Saving the selected student is
+    :meth:`~mdm_hf.students.StudentEvaluator.save_student`'s (it needs the text tower and processors).
     """
-    batch = min(cfg.batch_size, len(pairs))
+    batch = min(cfg.per_device_train_batch_size, len(pairs))
     steps_per_epoch = math.ceil(len(pairs) / batch)
     if max_steps is None:
         max_steps = cfg.full_max_steps if method == "full" and cfg.full_max_steps > 0 else cfg.max_steps
@@ -252,13 +285,18 @@ def fit_student(
         None if cfg.augment in ("none", "", None) else DiffAugment(cfg.augment, cfg.augment_mode, seed=seed)
     )
     use_cpu = cfg.use_cpu if cfg.use_cpu is not None else not torch.cuda.is_available()
-    save_dir = Path(cfg.output_dir) / "students" / f"{method}-seed{seed}" if cfg.save_students else None
+    run_name = f"{method}-seed{seed}"
+    keep = cfg.output_dir and (cfg.save_students or trackers(cfg.report_to))
+    run_dir = Path(cfg.output_dir) / "students" / run_name if keep else None
     callback = ValidationSelectionCallback(score, eval_steps, patience=cfg.early_stopping_patience)
-    # The Trainer wants an output_dir even when it saves nothing: a scratch dir unless students are kept.
+    # The Trainer wants an output_dir even when it saves nothing: a scratch dir unless the run is kept.
     with tempfile.TemporaryDirectory(prefix="mdm-student-") as scratch:
+        args = _training_arguments(
+            cfg, str(run_dir or scratch), batch, total, seed, use_cpu, run_name, disable_tqdm
+        )
         trainer = StudentTrainer(
             model=model,
-            args=_training_arguments(cfg, str(save_dir or scratch), batch, total, seed, use_cpu),
+            args=args,
             train_dataset=pairs,
             data_collator=default_data_collator,
             callbacks=[callback],
@@ -267,13 +305,25 @@ def fit_student(
             steps_per_epoch=steps_per_epoch,
         )
         trainer.remove_callback(PrinterCallback)
+        callback.log = trainer.log
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
         model.load_state_dict(callback.best_state)
-        if save_dir is not None:
-            trainer.save_model(str(save_dir))
     return StudentRun(
         model, callback.best_step, callback.best_metrics, callback.history, callback.losses,
         trainer.state.global_step, seconds,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def students_bar(students: int, disable_tqdm: bool | None):
+    """One progress bar over ``students`` students (``None`` when not shown): the default (``disable_tqdm=None``)
+    for more than one, whose Trainer bars are then hidden; a single student shows the Trainer's own bar."""
+    if disable_tqdm is not None or students <= 1:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=students, desc="students", unit="student", dynamic_ncols=True) as bar:
+        yield bar
