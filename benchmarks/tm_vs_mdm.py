@@ -56,7 +56,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # per-iteration cost is measured for TM and for MDM in both teacher modes: fresh (the paper's) and pooled (ours)
-COST_VARIANTS = ("mdm_fresh", "mdm_pooled", "tm", "repblend")
+# cost variant -> (method, MDMConfig / TM overrides); MDM's cost is measured in both teacher modes
+COST_VARIANTS = {
+    "mdm_fresh": ("mdm", {"teacher_mode": "fresh"}), "mdm_pooled": ("mdm", {"teacher_mode": "pooled"}),
+    "mdm_blend": ("mdm_blend", {}), "tm": ("tm", {}), "repblend": ("repblend", {}),
+}  # fmt: skip
+# MDM's variants: the package defaults and representation blending (RepBlend's mixing, mdm_hf.blending)
+MDM_VARIANTS = {"mdm": {}, "mdm_blend": {"blend_alpha": 1.0}}
 # the trajectory-matching distillers by library preset: the result key of each (LoRS keeps the historical "tm")
 TM_METHODS = {"lors": "tm", "repblend": "repblend"}
 
@@ -105,6 +111,33 @@ def time_to_fraction(records: list[dict], fraction: float = 0.95) -> dict:
             f"steps_to_{int(fraction * 100)}pct": first["step"], f"seconds_to_{int(fraction * 100)}pct": first["seconds"]}  # fmt: skip
 
 
+def time_to_beat(entry: dict) -> dict:
+    """Seconds for each method to first exceed the strongest baseline's best validation score (issue 16).
+
+    Baselines: the trajectory-matching sets (LoRS, RepBlend) at their best validation point, and the joint-k-means
+    coreset -- MDM's start, scored at step 0 by the same hook. A method "beats" the target when a validation point
+    is strictly above it; the strongest baseline itself never does (``None``). Seconds: distillation time with
+    set-up, validation excluded (:class:`ClockedHook`).
+    """
+    runs = {m: entry[f"quality_{m}"] for m in SET_LABELS if entry.get(f"quality_{m}", {}).get("validation")}
+    candidates = {m: q["best_mean"] for m, q in runs.items() if m in TM_METHODS.values()}
+    start = next(
+        (r for m in MDM_VARIANTS if m in runs for r in runs[m]["validation"] if r["step"] == 0), None
+    )
+    if start is not None:
+        candidates["kmeans"] = start["mean"]
+    if not candidates:
+        return {}
+    baseline = max(candidates, key=candidates.get)
+    out = {"baseline": baseline, "target": candidates[baseline], "methods": {}}
+    for method, q in runs.items():
+        first = next((r for r in q["validation"] if r["mean"] > candidates[baseline]), None)
+        out["methods"][method] = (
+            None if first is None else {"step": first["step"], "seconds": first["seconds"]}
+        )
+    return out
+
+
 # ============================================================================================== child processes
 def _child_init(threads: int) -> None:
     import logging
@@ -139,10 +172,10 @@ def cost_job(spec: dict) -> dict:
 
     _child_init(spec["threads"])
     t0 = time.perf_counter()
-    d = (_mdm_distiller if spec["method"] == "mdm" else _tm_distiller)(spec)
+    d = (_mdm_distiller if spec["method"] in MDM_VARIANTS else _tm_distiller)(spec)
     d.setup()
     d.initialize()
-    if spec["method"] == "mdm" and d.config.teacher_mode == "pooled":
+    if spec["method"] in MDM_VARIANTS and d.config.teacher_mode == "pooled":
         d.build_teacher_pool()
     setup_seconds = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
@@ -190,7 +223,7 @@ def quality_job(spec: dict) -> dict:
         sc = student_config(spec["demo"], Path(spec["data_dir"]), Path(spec["anchor"]), Path(spec["work"]) / "val",
                             num_seeds=1, num_pairs=spec["num_pairs"])  # fmt: skip
         hook = ClockedHook(student_validation_fn(sc, max_steps=spec["student_val_steps"]))
-    d = (_mdm_distiller if spec["method"] == "mdm" else _tm_distiller)(spec, hook)
+    d = (_mdm_distiller if spec["method"] in MDM_VARIANTS else _tm_distiller)(spec, hook)
     if hook is not None:
         hook.start()
     t0 = time.perf_counter()
@@ -341,9 +374,13 @@ def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
                   num_pairs=k, save_steps=0, overwrite_output_dir=True, seed=demo.seed, logging_steps=0)  # fmt: skip
     mdm = dict(common, expert_bank=paths["lora_bank"], teacher_mode=args.mdm_teacher_mode, real_batch_size=256,
                syn_batch_size=min(64, k), lr_pixels=demo.lr_pixels, lr_text=demo.lr_text, init="kmeans",
-               max_steps=args.mdm_steps, eval_steps=args.eval_steps, output_dir=str(work / f"mdm-{k}{args.tag}"))  # fmt: skip
+               max_steps=args.mdm_steps, eval_steps=args.mdm_eval_steps or args.eval_steps,
+               output_dir=str(work / f"mdm-{k}{args.tag}"))  # fmt: skip
     mdm.update(args.mdm_override or {})
     out = {"mdm": mdm, "lors_preset_budget": lors_budget(k)}
+    for variant, overrides in MDM_VARIANTS.items():
+        if variant != "mdm" and variant in args.methods:
+            out[variant] = dict(mdm, **overrides, output_dir=str(work / f"{variant}-{k}{args.tag}"))
     for name in args.tm_presets:
         preset = f"{name}_faithful" if args.tm_faithful else name
         values = preset_values(preset, k)
@@ -361,7 +398,7 @@ def method_configs(args, demo, paths: dict, k: int, work: Path) -> dict:
 
 
 # what the benchmark's tables call each distilled set (students.method_label would name TM's by its provenance)
-SET_LABELS = {"mdm": "MDM", "tm": "TM (LoRS)", "repblend": "TM (RepBlend)"}
+SET_LABELS = {"mdm": "MDM", "mdm_blend": "MDM + blending", "tm": "TM (LoRS)", "repblend": "TM (RepBlend)"}
 
 
 def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_full: bool) -> dict:
@@ -385,7 +422,7 @@ def evaluate_sets(args, demo, paths: dict, k: int, sets: dict, work: Path, with_
                 for r in comparison.rows]  # fmt: skip
         protocol, notes = comparison.protocol, comparison.notes
     position = 1 if "mdm" in sets else 0
-    for method in [m for m in TM_METHODS.values() if m in sets]:
+    for method in [m for m in ("mdm_blend", *TM_METHODS.values()) if m in sets]:
         tm_sc = dataclasses.replace(
             sc, method="synthetic", output_dir=str(work / f"students-{k}-{method}{args.tag}")
         )
@@ -435,6 +472,7 @@ def _ratios(entry: dict) -> None:
                 f"{method}_over_mdm_{mode}_autograd_saved_peak": _ratio(tm.get("autograd_saved_peak_mb"), mdm.get("autograd_saved_peak_mb")),
                 f"{method}_over_mdm_{mode}_loop_rss_above_setup": _ratio(tm.get("loop_rss_above_setup_mb"), mdm.get("loop_rss_above_setup_mb")),
             })  # fmt: skip
+    entry["time_to_beat"] = time_to_beat(entry)
     if "repblend" in cost:
         rb, tm = cost["repblend"], cost.get("tm", {})
         entry["ratios"].update({
@@ -490,7 +528,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_cost", action="store_true", help="quality only (a variant of a finished run)")
     parser.add_argument("--replot", metavar="RESULTS_JSON", default=None,
                         help="only redraw the plot and table of a recorded run (e.g. benchmarks/results/tm_vs_mdm.json)")  # fmt: skip
-    parser.add_argument("--methods", nargs="*", default=["mdm", "tm"], choices=["mdm", "tm"],
+    parser.add_argument("--mdm_eval_steps", type=int, default=None,
+                        help="validation every N iterations for MDM's runs (default --eval_steps): a fine grid, so "
+                             "MDM's time to quality is not set by the grid")  # fmt: skip
+    parser.add_argument("--methods", nargs="*", default=["mdm", "tm"], choices=["mdm", "mdm_blend", "tm"],
                         help="distillers to run, tm: those of --tm_presets (a variant: --methods tm --tm_override "
                              "...; none: coresets only)")  # fmt: skip
     parser.add_argument("--coresets", nargs="*", default=["random", "kcenter"],
@@ -525,15 +566,11 @@ def measure_cost(args, configs: dict, results: dict, write) -> None:
     """Stage 1: per-iteration cost, one process at a time and nothing else running, so the seconds compare."""
     for k in [] if args.skip_cost else args.budgets:
         entry = results["budgets"][str(k)]
-        for name in COST_VARIANTS:
-            method = name.split("_")[0]
+        for name, (method, overrides) in COST_VARIANTS.items():
             if method not in args.methods:
                 continue
-            cfg = dict(
-                configs[k][method], eval_steps=0, output_dir=configs[k][method]["output_dir"] + "-cost"
-            )
-            if method == "mdm":
-                cfg["teacher_mode"] = name.split("_")[1]
+            cfg = dict(configs[k][method], **overrides, eval_steps=0,
+                       output_dir=configs[k][method]["output_dir"] + "-cost")  # fmt: skip
             spec = {"method": method, "num_pairs": k, "config": cfg, "threads": args.threads,
                     "warmup": 2, "steps": args.cost_steps}  # fmt: skip
             entry["cost"][name] = _in_child(cost_job, spec)
@@ -749,6 +786,18 @@ def _quality_lines(r: dict) -> list[str]:
         ratio = e.get("ratios", {}).get("tm_over_mdm_seconds_to_95pct")
         if ratio:
             lines.append(f"| {k} | TM / MDM seconds to 95 % | | | | | {ratio:.2f} | |")
+    beats = {k: e["time_to_beat"] for k, e in r["budgets"].items() if e.get("time_to_beat")}
+    if beats:
+        lines += ["", "Time to beat the strongest baseline: seconds (iteration) until a method's validation mean first "
+                  "exceeds the best validation mean of the strongest of LoRS, RepBlend and the joint-k-means coreset "
+                  "(MDM's step 0); – : never within the run.", "",
+                  "| K | strongest baseline (best val) | " + " | ".join(SET_LABELS.values()) + " |",
+                  "|---|---|" + "---|" * len(SET_LABELS)]  # fmt: skip
+        for k, b in beats.items():
+            name = SET_LABELS.get(b["baseline"], "joint k-means coreset")
+            cells = [("–" if b["methods"].get(m) is None else f"{b['methods'][m]['seconds']:.1f} s ({b['methods'][m]['step']})")
+                     if m in b["methods"] else "n/a" for m in SET_LABELS]  # fmt: skip
+            lines.append(f"| {k} | {name} ({b['target']:.2f}) | " + " | ".join(cells) + " |")
     lines += ["", "## Students (test recall %, selected on validation, mean ± std over seeds)", ""]
     for k, e in r["budgets"].items():
         s = e.get("students")

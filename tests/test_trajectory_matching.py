@@ -555,13 +555,38 @@ def test_benchmark_time_to_95_percent_and_lors_presets():
     )  # the library's, not a copy
 
 
+def test_benchmark_time_to_beat_the_strongest_baseline():
+    bench = _benchmark_module()
+
+    def run(*points):
+        records = [{"step": st, "seconds": sec, "mean": m} for st, sec, m in points]
+        return {"validation": records, "best_mean": max(r["mean"] for r in records)}
+
+    entry = {
+        "quality_mdm": run((0, 5.0, 12.0), (5, 6.0, 12.5), (10, 7.0, 13.1)),
+        "quality_mdm_blend": run((0, 5.0, 12.0), (5, 8.0, 11.0)),
+        "quality_tm": run((0, 1.0, 6.0), (25, 90.0, 8.5)),
+        "quality_repblend": run((0, 1.0, 6.0), (25, 30.0, 13.0)),
+    }
+    got = bench.time_to_beat(entry)
+    # RepBlend's 13.0 beats the k-means start (12.0) and LoRS (8.5); MDM first exceeds it at step 10, blending never
+    assert (got["baseline"], got["target"]) == ("repblend", 13.0)
+    assert got["methods"]["mdm"] == {"step": 10, "seconds": 7.0}
+    assert got["methods"]["mdm_blend"] is None and got["methods"]["repblend"] is None
+    entry["quality_repblend"] = run((0, 1.0, 6.0), (25, 30.0, 11.0))
+    got = bench.time_to_beat(
+        entry
+    )  # now the coreset (MDM's step 0) is the strongest: strict improvement counts
+    assert (got["baseline"], got["target"]) == ("kmeans", 12.0) and got["methods"]["mdm"]["step"] == 5
+
+
 def test_benchmark_runs_the_library_preset_fitted_to_its_buffer():
     from types import SimpleNamespace
 
     bench = _benchmark_module()
     args = SimpleNamespace(mdm_teacher_mode="fresh", mdm_steps=5, eval_steps=0, tag="", tm_faithful=False,
                            tm_unroll="full", tm_steps=7, tm_override={"lr_sim": 1.0}, mdm_override=None,
-                           tm_presets=["lors", "repblend"])  # fmt: skip
+                           tm_presets=["lors", "repblend"], mdm_eval_steps=None, methods=["mdm", "tm", "repblend"])  # fmt: skip
     demo = SimpleNamespace(seed=0, lr_pixels=100.0, lr_text=100.0, expert_epochs=2)
     paths = {"anchor": "a", "data_dir": "d", "lora_bank": "b", "buffer": "t", "projection_buffer": "p"}
     got = bench.method_configs(args, demo, paths, 480, Path("/tmp/w"))
