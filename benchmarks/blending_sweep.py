@@ -59,12 +59,12 @@ def distill_command(setup: Path, out_dir: Path, k: int, arm: str, args) -> list[
     ]  # fmt: skip
 
 
-def validation_history(run: Path) -> list[dict]:
-    """The validation history the distiller keeps in its newest checkpoint's ``trainer_state.json``."""
+def trainer_state(run: Path) -> dict:
+    """The newest checkpoint's ``trainer_state.json``: the validation history and the loop's seconds."""
     checkpoints = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if not checkpoints:
         raise FileNotFoundError(f"{run} has no checkpoint-*; the run did not finish (see {run}.log).")
-    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["history"]
+    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())
 
 
 def run_one(setup: Path, out_dir: Path, k: int, arm: str, args) -> dict:
@@ -89,14 +89,57 @@ def run_one(setup: Path, out_dir: Path, k: int, arm: str, args) -> dict:
         with open(f"{run}.log", "w") as log:
             subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=True, env=env)
         wall = time.perf_counter() - start
-    history = validation_history(run)
+    state = trainer_state(run)
+    history = state["history"]
     best = max(history, key=lambda h: h["mean"])
     return {
         "k": k, "arm": arm, "command": shlex.join(["python", *argv[1:]]), "wall_s": wall,
+        "distill_seconds": state["distill_seconds"],
         "start": history[0]["mean"] if history[0]["step"] == 0 else None,
         "best": best["mean"], "best_step": best["step"], "final": history[-1]["mean"],
         "final_step": history[-1]["step"], "history": [{"step": h["step"], "mean": h["mean"]} for h in history],
     }  # fmt: skip
+
+
+ARM_LABELS = {
+    "defaults": "MDM (defaults)",
+    "blend1": "MDM + blend α = 1 (contrastive)",
+    "blend1-all": "MDM + blend α = 1 (all terms)",
+    "blend0.5": "MDM + blend α = 0.5 (contrastive)",
+    "defaults-seed1": "MDM (defaults), seed 1",
+    "blend1-seed1": "MDM + blend α = 1 (contrastive), seed 1",
+}
+
+
+def _baseline(records: dict, k: int, arm: str) -> dict | None:
+    """The defaults run a blended arm is compared with: same budget, same distillation seed."""
+    base = records.get((k, "defaults-seed1" if arm.endswith("-seed1") else "defaults"))
+    return None if base is None or base["arm"] == arm else base
+
+
+def summary_table(records: list[dict], budgets: list[int]) -> list[str]:
+    """Rows = the k-means start and each arm, columns = budgets: best validation mean (its step) and Δ."""
+    by_key = {(r["k"], r["arm"]): r for r in records}
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    lines = ["| validation mean recall | " + " | ".join(f"K = {k}" for k in budgets) + " |"]
+    lines.append("|---" * (len(budgets) + 1) + "|")
+    starts = []
+    for k in budgets:
+        r = by_key.get((k, "defaults"))
+        starts.append(f"{r['start']:.2f}" if r is not None and r["start"] is not None else "—")
+    lines.append("| joint k-means start (step 0) | " + " | ".join(starts) + " |")
+    for arm in arms:
+        cells = []
+        for k in budgets:
+            r = by_key.get((k, arm))
+            if r is None:
+                cells.append("not run")
+                continue
+            base = _baseline(by_key, k, arm)
+            delta = f", Δ {r['best'] - base['best']:+.2f}" if base is not None else ""
+            cells.append(f"{r['best']:.2f} ({r['best_step']}){delta}")
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_results(records: list[dict], args, name: str) -> None:
@@ -113,23 +156,24 @@ def write_results(records: list[dict], args, name: str) -> None:
         f"Command: `{command}`",
         "",
         f"Each run: `python -m mdm_hf.cli distill ... --max_steps {args.max_steps} --eval_steps {args.eval_steps} "
-        "--teacher_mode pooled` plus the arm's flags (per-run commands in the JSON). Validation: one small student "
-        "(seed 0) on T validation; *start* is the step-0 score of the joint-k-means coreset; *best* the highest "
-        "score over the evaluations and its step; Δ the difference of the bests to the defaults run of the same "
-        "seed.",
+        "--teacher_mode pooled` plus the arm's flags (every run's command line is in the JSON). Validation: one "
+        "small student (seed 0) on T validation at step 0 -- the joint-k-means coreset, the same for every arm of "
+        "one seed -- and every eval_steps. Cells: the best validation mean recall over the evaluations (its step); "
+        "Δ: minus the defaults run of the same budget and distillation seed.",
         "",
-        "| K | arm | flags | start (k-means) | best (step) | final | Δ best vs defaults |",
+        *summary_table(records, args.budgets),
+        "",
+        "Per run (final: the score at the last step; the curves are in the JSON):",
+        "",
+        "| K | arm | flags | start | best (step) | final | iterations' seconds |",
         "|---|---|---|---|---|---|---|",
     ]
-    by_key = {(r["k"], r["arm"]): r for r in records}
     for r in records:
-        base = by_key.get((r["k"], "defaults-seed1" if r["arm"].endswith("-seed1") else "defaults"))
-        delta = f"{r['best'] - base['best']:+.2f}" if base is not None and base is not r else "—"
         start = f"{r['start']:.2f}" if r["start"] is not None else "—"
-        flags = " ".join(ARMS[r["arm"]]) or "(none)"
+        wall = f"{r['distill_seconds']:.0f} s"
         lines.append(
-            f"| {r['k']} | {r['arm']} | `{flags}` | {start} | {r['best']:.2f} ({r['best_step']}) | "
-            f"{r['final']:.2f} | {delta} |"
+            f"| {r['k']} | {r['arm']} | `{' '.join(ARMS[r['arm']]) or '(none)'}` | {start} | "
+            f"{r['best']:.2f} ({r['best_step']}) | {r['final']:.2f} ({r['final_step']}) | {wall} |"
         )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -149,6 +193,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results_name", default="blending_sweep")
     parser.add_argument("--no_results", action="store_true", help="Run only; write no results files.")
+    parser.add_argument(
+        "--collect", action="store_true", help="Run nothing; report the finished (budget, arm) runs only."
+    )
     args = parser.parse_args()
     for setup in {args.setup_dir, args.setup_dir_500}:
         missing = [p for p in ("anchor", "data", "experts", "cache") if not (setup / p).exists()]
@@ -162,6 +209,8 @@ def main() -> None:
     for k in args.budgets:
         setup = args.setup_dir_500 if k == 500 else args.setup_dir
         for arm in args.arms:
+            if args.collect and not (args.out_dir / f"k{k}-{arm}" / "synthetic").exists():
+                continue
             records.append(run_one(setup, args.out_dir, k, arm, args))
             r = records[-1]
             print(
