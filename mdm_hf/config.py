@@ -414,6 +414,18 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     contrastive: Literal["auto", "clip", "siglip"] = _f(
         "auto", "auto (from the teacher), clip (softmax InfoNCE) or siglip (sigmoid)."
     )
+    blend_alpha: float = _f(
+        0.0,
+        "Representation blending of the synthetic mini-batch (RepBlend, docs/method.md §7): each iteration mixes "
+        "(pooled image-tower output, text feature) pairs before the projections with one lambda ~ Beta(a, a) and "
+        "one permutation; a blended pair is its own positive. 0: off (the default; the validation sweep: "
+        "benchmarks/results/blending_sweep.md).",
+    )
+    blend_terms: Literal["contrastive", "all"] = _f(
+        "contrastive",
+        "Which terms see the blended synthetic pairs (blend_alpha > 0): contrastive (only the InfoNCE / sigmoid "
+        "term) | all (also the synthetic agreement and discrepancy directions of the GKE terms).",
+    )
 
     # ---- logging and the Hub (budget, loop, validation and checkpoint fields: DistillRunArguments)
     num_workers: int = _f(0, "DataLoader workers for real images that are not cached.")
@@ -445,6 +457,7 @@ class MDMConfig(ModelArguments, DistillRunArguments):
             "lambda_discrepancy": self.lambda_discrepancy >= 0,
             "sigma": self.sigma > 0,
             "temperature": self.temperature is None or self.temperature > 0,
+            "blend_alpha": 0 <= self.blend_alpha < float("inf"),  # NaN fails both comparisons
             "num_workers": self.num_workers >= 0,
             "student_max_steps": self.student_max_steps is None or self.student_max_steps >= 1,
             "student_num_seeds": self.student_num_seeds >= 1,
@@ -453,6 +466,11 @@ class MDMConfig(ModelArguments, DistillRunArguments):
             "lr_search_steps": self.lr_search_steps >= 1,
         }
         check_values(self, checks)
+        if self.blend_alpha > 0 and self.blend_terms == "contrastive" and self.lambda_contrastive == 0:
+            raise ValueError(
+                "--blend_alpha > 0 with --blend_terms contrastive blends only the contrastive term, which "
+                "--lambda_contrastive 0 switches off: set --blend_terms all, or --blend_alpha 0."
+            )
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError(
                 "--push_to_hub needs --hub_dataset_id (namespace/name of the dataset repo to create)."

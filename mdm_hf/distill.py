@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from .bank import load_expert_bank
+from .blending import blend, draw_blend
 from .config import MDMConfig, trackers
 from .data import ImageCaptionSplit
 from .distill_loop import DistillState, SyntheticSetDistiller, ValidationFn
@@ -274,10 +275,9 @@ class MDMDistiller(SyntheticSetDistiller):
         syn_idx = torch.randperm(cfg.num_pairs, generator=gen)[: min(cfg.syn_batch_size, cfg.num_pairs)]
         syn_idx = syn_idx.to(self.syn_pixels.device)
         with _timer(timings, "synthetic"):
-            syn_zv = self.teacher.image_embeds(self.syn_pixels[syn_idx])
-            syn_zt = self.teacher.project_text(self.syn_text[syn_idx])
+            syn_zv, syn_zt, contrastive_pairs = self._embed_synthetic(syn_idx, gen)
         with _timer(timings, "loss"):
-            out = self._matching_loss(real_zv, real_zt, syn_zv, syn_zt)
+            out = self._matching_loss(real_zv, real_zt, syn_zv, syn_zt, contrastive_pairs)
         if not torch.isfinite(out.loss):
             self._fail_non_finite("loss", out)
         with _timer(timings, "backward"):
@@ -305,6 +305,27 @@ class MDMDistiller(SyntheticSetDistiller):
             logs["merge/mean_t"] = info["mean_t"]
         return logs, timings
 
+    def _embed_synthetic(self, syn_idx: torch.Tensor, gen: torch.Generator):
+        """``(z_v, z_t, contrastive_pairs)`` of the synthetic mini-batch ``syn_idx``.
+
+        With ``blend_alpha > 0`` the pairs are blended (:mod:`mdm_hf.blending`, docs/method.md §7) before the
+        projections -- the vision tower's pooled output and the text feature ``e~`` -- with one draw from the
+        loop's generator (so a resumed run redraws it). ``blend_terms="all"`` returns the blended pairs as the
+        synthetic side of every term; ``"contrastive"`` keeps the plain pairs for the GKE terms and returns the
+        blended ones as ``contrastive_pairs`` (None without blending: no draw is made, the run is unchanged).
+        """
+        cfg = self.config
+        pixels, text = self.syn_pixels[syn_idx], self.syn_text[syn_idx]
+        if cfg.blend_alpha == 0:
+            return self.teacher.image_embeds(pixels), self.teacher.project_text(text), None
+        image_features = self.teacher.image_features(pixels)
+        lam, perm = draw_blend(len(syn_idx), cfg.blend_alpha, gen)
+        blended_image, blended_text = blend((image_features, text), lam, perm)
+        blended = self.teacher.project_image(blended_image), self.teacher.project_text(blended_text)
+        if cfg.blend_terms == "all":
+            return *blended, None
+        return self.teacher.project_image(image_features), self.teacher.project_text(text), blended
+
     @torch.no_grad()
     def objective(self, real_indices: torch.Tensor) -> float:
         """The MDM loss of the whole synthetic set against fixed real pairs under the installed teacher.
@@ -315,10 +336,18 @@ class MDMDistiller(SyntheticSetDistiller):
         syn_zv, syn_zt = self.teacher(self.syn_pixels, self.syn_text)
         return float(self._matching_loss(real_zv, real_zt, syn_zv, syn_zt).loss)
 
-    def _matching_loss(self, real_zv, real_zt, syn_zv, syn_zt):
+    def _matching_loss(self, real_zv, real_zt, syn_zv, syn_zt, contrastive_pairs=None):
         """docs/method.md §3 under the installed teacher (its own scale and bias for the SigLIP sigmoid loss)."""
         scale, bias = self.teacher.logit_scale, self.teacher.logit_bias
-        return self.loss_fn(real_zv, real_zt, syn_zv, syn_zt, logit_scale=scale, logit_bias=bias)
+        return self.loss_fn(
+            real_zv,
+            real_zt,
+            syn_zv,
+            syn_zt,
+            logit_scale=scale,
+            logit_bias=bias,
+            contrastive_pairs=contrastive_pairs,
+        )
 
     def _fail_non_finite(self, what: str, out) -> None:
         path = self.save_checkpoint(

@@ -255,15 +255,24 @@ class MDMLoss(torch.nn.Module):
         syn_text_embeds: torch.Tensor,
         logit_scale: torch.Tensor | float | None = None,
         logit_bias: torch.Tensor | float | None = None,
+        contrastive_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> MDMLossOutput:
-        """The MDM loss of a synthetic mini-batch ``[m, d]`` against a real batch ``[n, d]`` (``m``, ``n`` free)."""
+        """The MDM loss of a synthetic mini-batch ``[m, d]`` against a real batch ``[n, d]`` (``m``, ``n`` free).
+
+        ``contrastive_pairs``: ``(image_embeds, text_embeds)`` that the contrastive term scores instead of the
+        synthetic pairs -- the blended synthetic pairs when only that term is blended (``MDMConfig.blend_terms``,
+        :mod:`mdm_hf.blending`); None scores the synthetic pairs themselves.
+        """
         _check_pair(real_image_embeds, real_text_embeds, "MDMLoss (real pairs)", same_rows=True)
         _check_pair(syn_image_embeds, syn_text_embeds, "MDMLoss (synthetic pairs)", same_rows=True)
         _check_pair(real_image_embeds, syn_image_embeds, "MDMLoss (real vs synthetic)")
+        if contrastive_pairs is not None:
+            _check_pair(*contrastive_pairs, "MDMLoss (contrastive pairs)", same_rows=True)
         zero = syn_image_embeds.new_zeros((), dtype=torch.float32)
         contrastive = agreement = discrepancy = zero
         if self.lambda_contrastive > 0:
-            contrastive = self._contrastive(syn_image_embeds, syn_text_embeds, logit_scale, logit_bias)
+            pair = contrastive_pairs if contrastive_pairs is not None else (syn_image_embeds, syn_text_embeds)
+            contrastive = self._contrastive(*pair, logit_scale, logit_bias)
         if self.lambda_agreement > 0 or self.lambda_discrepancy > 0:
             u_r, g_r = agreement_discrepancy(real_image_embeds.detach(), real_text_embeds.detach())
             u_s, g_s = agreement_discrepancy(syn_image_embeds, syn_text_embeds)

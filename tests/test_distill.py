@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mdm_hf.checkpointing import CheckpointError
 from mdm_hf.config import MDMConfig
 from mdm_hf.distill import MDMDistiller, NonFiniteLossError
 
@@ -221,3 +222,129 @@ def test_report_to_tensorboard_logs_the_losses(tiny_clip_dir, tiny_dataset_dir, 
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert any("loss" in tag for tag in tags), tags
+
+
+# ============================================================================================ blending (§7)
+def _blend_distiller(tmp_path, model_dir, dataset_dir, **overrides) -> MDMDistiller:
+    distiller = MDMDistiller(tiny_config(model_dir, dataset_dir, tmp_path / "out", **overrides))
+    distiller.setup()
+    distiller.initialize()
+    return distiller
+
+
+def _step_loss(distiller: MDMDistiller, syn_idx: torch.Tensor, gen: torch.Generator):
+    real = torch.arange(distiller.train_data.num_captions)
+    real_zv, real_zt = distiller.embed_real(real)
+    syn_zv, syn_zt, pairs = distiller._embed_synthetic(syn_idx, gen)
+    return distiller._matching_loss(real_zv, real_zt, syn_zv, syn_zt, pairs)
+
+
+def test_blend_alpha_zero_is_the_unblended_loss_and_draws_nothing(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    distiller = _blend_distiller(tmp_path, tiny_clip_dir, tiny_dataset_dir)
+    assert distiller.config.blend_alpha == 0  # off by default
+    idx, gen = torch.tensor([0, 3, 5, 6]), torch.Generator().manual_seed(3)
+    before = gen.get_state()
+    out = _step_loss(distiller, idx, gen)
+    assert torch.equal(
+        gen.get_state(), before
+    )  # no draw: the run's later draws are those of an unblended run
+    teacher = distiller.teacher
+    real = torch.arange(distiller.train_data.num_captions)
+    expected = distiller.loss_fn(
+        *distiller.embed_real(real),
+        teacher.image_embeds(distiller.syn_pixels[idx]),
+        teacher.project_text(distiller.syn_text[idx]),
+    )
+    assert torch.equal(out.loss, expected.loss)
+
+
+@pytest.mark.parametrize("terms", ["contrastive", "all"])
+def test_blended_loss_is_the_loss_of_hand_blended_pairs(
+    terms, tiny_clip_dir, tiny_dataset_dir, tmp_path, monkeypatch
+):
+    import mdm_hf.distill as distill_module
+    from mdm_hf.losses import clip_contrastive_loss
+
+    distiller = _blend_distiller(
+        tmp_path, tiny_clip_dir, tiny_dataset_dir, blend_alpha=1.0, blend_terms=terms
+    )
+    idx, perm = torch.tensor([1, 2, 4, 7]), torch.tensor([2, 0, 3, 1])
+    monkeypatch.setattr(distill_module, "draw_blend", lambda n, alpha, gen: (0.3, perm))
+    out = _step_loss(distiller, idx, torch.Generator())
+    teacher = distiller.teacher
+    features, text = teacher.image_features(distiller.syn_pixels[idx]), distiller.syn_text[idx]
+    zv = teacher.project_image(0.3 * features + 0.7 * features[perm])  # blended before the projections
+    zt = teacher.project_text(0.3 * text + 0.7 * text[perm])
+    assert torch.allclose(out.contrastive, clip_contrastive_loss(zv, zt, 1 / 0.07), atol=1e-6)
+    real = torch.arange(distiller.train_data.num_captions)
+    plain = distiller.loss_fn(
+        *distiller.embed_real(real), teacher.project_image(features), teacher.project_text(text)
+    )
+    blended = distiller.loss_fn(*distiller.embed_real(real), zv, zt)
+    gke_source = blended if terms == "all" else plain
+    assert torch.allclose(out.agreement, gke_source.agreement, atol=1e-6)
+    assert torch.allclose(out.discrepancy, gke_source.discrepancy, atol=1e-6)
+    if terms == "contrastive":
+        assert not torch.allclose(out.contrastive, plain.contrastive)
+    # λ = 1 blends every pair with itself only: exactly the unblended loss
+    monkeypatch.setattr(distill_module, "draw_blend", lambda n, alpha, gen: (1.0, perm))
+    assert torch.equal(_step_loss(distiller, idx, torch.Generator()).loss, plain.loss)
+
+
+@pytest.mark.parametrize("terms", ["contrastive", "all"])
+def test_blended_loss_reaches_pixels_and_text_features(terms, tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    distiller = _blend_distiller(
+        tmp_path,
+        tiny_clip_dir,
+        tiny_dataset_dir,
+        blend_alpha=1.0,
+        blend_terms=terms,
+        lambda_agreement=0.0,
+        lambda_discrepancy=0.0,
+    )  # fmt: skip  (the contrastive term alone: for terms=contrastive its gradient passes only the blended pairs)
+    idx = torch.tensor([0, 2, 5, 6])
+    out = _step_loss(distiller, idx, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    for grad in (distiller.syn_pixels.grad, distiller.syn_text.grad):
+        assert torch.isfinite(grad).all()
+        assert all(grad[i].abs().sum() > 0 for i in idx)  # every pair of the mini-batch takes part
+        untouched = [i for i in range(8) if i not in idx.tolist()]
+        assert grad[untouched].abs().sum() == 0
+
+
+def test_blended_run_is_reproducible_resumable_and_differs(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    def run(name, **overrides):
+        cfg = tiny_config(
+            tiny_clip_dir, tiny_dataset_dir, tmp_path / name, **{"blend_alpha": 1.0, **overrides}
+        )
+        return MDMDistiller(cfg).distill()
+
+    straight = run("a")
+    again = run("b")
+    assert torch.equal(straight.pixel_values, again.pixel_values)  # the same seed: the same draws
+    run("c", max_steps=10)
+    resumed = run("c", resume_from_checkpoint="latest")
+    assert torch.equal(
+        straight.pixel_values, resumed.pixel_values
+    )  # the draws come from the restored generator
+    assert torch.equal(straight.text_features, resumed.text_features)
+    unblended = MDMDistiller(tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "d")).distill()
+    assert not torch.equal(straight.pixel_values, unblended.pixel_values)
+    assert (
+        "blend_alpha" not in MDMConfig.resume_free_fields
+        and "blend_terms" not in MDMConfig.resume_free_fields
+    )
+    with pytest.raises(CheckpointError, match="blend_alpha"):  # another alpha is another run: no resume
+        run("c", blend_alpha=0.5, max_steps=30, resume_from_checkpoint="latest")
+
+
+def test_blend_settings_are_checked(tiny_clip_dir, tiny_dataset_dir, tmp_path):
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="blend_alpha"):
+            tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "x", blend_alpha=bad)
+    with pytest.raises(ValueError, match="blend_terms all"):
+        tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "x", blend_alpha=1.0, lambda_contrastive=0.0)
+    with pytest.raises(ValueError, match="blend_terms"):
+        tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "x", blend_terms="gke")
+    tiny_config(tiny_clip_dir, tiny_dataset_dir, tmp_path / "x", blend_alpha=1.0, lambda_contrastive=0.0,
+                blend_terms="all")  # fmt: skip

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mdm_hf import losses
+from mdm_hf.blending import blend, draw_blend
 from mdm_hf.losses import (
     MDMLoss,
     agreement_discrepancy,
@@ -333,3 +334,59 @@ def test_mdm_loss_errors():
         MDMLoss()(rv, rt, sv, st[:2])
     with pytest.raises(ValueError, match="real vs synthetic"):
         MDMLoss()(rv[:, :3], rt[:, :3], sv, st)
+
+
+def test_mdm_loss_contrastive_pairs_replace_only_the_contrastive_term():
+    (rv, rt), (sv, st) = _batches()
+    bv, bt = torch.randn(5, sv.shape[1], requires_grad=True), torch.randn(5, st.shape[1], requires_grad=True)
+    plain = MDMLoss()(rv, rt, sv, st)
+    assert torch.equal(MDMLoss()(rv, rt, sv, st, contrastive_pairs=(sv, st)).loss, plain.loss)
+    out = MDMLoss()(rv, rt, sv, st, contrastive_pairs=(bv, bt))
+    assert out.contrastive.item() == pytest.approx(_clip_loop(bv.detach(), bt.detach(), 1 / 0.07), rel=1e-5)
+    assert torch.equal(out.agreement, plain.agreement) and torch.equal(out.discrepancy, plain.discrepancy)
+    out.loss.backward()
+    assert _finite_grads(sv, st, bv, bt)
+    with pytest.raises(ValueError, match="contrastive pairs"):
+        MDMLoss()(rv, rt, sv, st, contrastive_pairs=(bv, bt[:2]))
+
+
+# ============================================================================================ blending (§7)
+def test_blend_matches_a_hand_worked_case():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    y = torch.tensor([[3.0], [6.0], [9.0]])
+    bx, by = blend(
+        (x, y), 0.25, torch.tensor([2, 0, 1])
+    )  # row i mixes pair i (0.25) with pair perm[i] (0.75)
+    assert _rows(bx) == [[1.75, 1.5], [0.75, 0.25], [0.5, 1.25]]
+    assert _rows(by) == [[7.5], [3.75], [6.75]]
+    same = blend((x,), 1.0, torch.tensor([1, 2, 0]))[0]
+    assert torch.equal(same, x)
+    with pytest.raises(ValueError, match="rows"):
+        blend((x, y[:2]), 0.5, torch.tensor([2, 0, 1]))
+    with pytest.raises(ValueError, match="lam"):
+        blend((x,), 1.5, torch.tensor([2, 0, 1]))
+
+
+def test_blend_gradient_reaches_both_rows_of_a_pair():
+    x = torch.randn(3, 4, requires_grad=True)
+    blend((x,), 0.25, torch.tensor([1, 0, 2]))[0][0].sum().backward()  # row 0 = 0.25 x0 + 0.75 x1
+    assert torch.allclose(x.grad.sum(dim=1), torch.tensor([0.25 * 4, 0.75 * 4, 0.0]))
+
+
+def test_draw_blend_is_seeded_and_beta_distributed():
+    draws = [draw_blend(6, 1.0, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert draws[0][0] == draws[1][0] and torch.equal(draws[0][1], draws[1][1])  # same seed, same draw
+    assert sorted(draws[0][1].tolist()) == list(range(6))
+    gen = torch.Generator().manual_seed(0)
+    uniform = [draw_blend(4, 1.0, gen)[0] for _ in range(2000)]  # Beta(1, 1) = U(0, 1)
+    assert all(0.0 <= lam <= 1.0 for lam in uniform)
+    assert sum(uniform) / len(uniform) == pytest.approx(0.5, abs=0.03)
+    assert sum(lam < 0.25 for lam in uniform) / len(uniform) == pytest.approx(0.25, abs=0.03)
+    # Beta(0.2, 0.2) is U-shaped: most draws sit near 0 or 1
+    edge = [draw_blend(4, 0.2, gen)[0] for _ in range(500)]
+    assert sum(lam < 0.1 or lam > 0.9 for lam in edge) / len(edge) > 0.5
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            draw_blend(4, bad, gen)
+    with pytest.raises(ValueError, match="batch_size"):
+        draw_blend(0, 1.0, gen)
