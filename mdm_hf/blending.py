@@ -3,7 +3,8 @@
 One draw -- ``λ ~ Beta(α, α)`` and a permutation ``π`` of the mini-batch -- mixes every tensor of a batch of pairs
 the same way, ``x' = λ x + (1 − λ) x[π]``, so the blended image feature of row ``i`` still belongs with the blended
 text feature of row ``i``: the blended pair is its own positive. Used by MDM's optional blending of the synthetic
-mini-batch (``MDMConfig.blend_alpha``) and meant for the trajectory-matching baseline's RepBlend variant.
+mini-batch (``MDMConfig.blend_alpha``) and by the trajectory-matching baseline's RepBlend preset
+(:mod:`mdm_hf.baselines.tm.blending`).
 """
 
 from __future__ import annotations

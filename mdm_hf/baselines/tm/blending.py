@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
+from ...blending import blend as blend_pairs
+from ...blending import draw_blend as draw_pair_blend
 from ...models import DualEncoder
 
 __all__ = ["Blend", "BlendedDualEncoder", "SyntheticMiniBatch", "draw_blend"]
@@ -38,24 +39,17 @@ class Blend:
         self, image_features: torch.Tensor, text_features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(λ x + (1 − λ) x[π], λ y + (1 − λ) y[π])`` for image features ``x`` and text features ``y``."""
-        perm = self.permutation.to(image_features.device)
-        return (
-            self.lam * image_features + (1 - self.lam) * image_features[perm],
-            self.lam * text_features + (1 - self.lam) * text_features[perm],
-        )
+        return blend_pairs((image_features, text_features), self.lam, self.permutation)
 
 
 def draw_blend(batch_size: int, alpha: float, generator: torch.Generator) -> Blend | None:
-    """``λ ~ Beta(alpha, alpha)`` and a uniform permutation of ``batch_size`` positions, both from ``generator`` (so a
-    resumed run draws the same blends); ``None`` when ``alpha == 0`` (no blending, and nothing drawn)."""
+    """:func:`mdm_hf.blending.draw_blend` as a :class:`Blend` (the same draw from ``generator``, so a resumed run
+    draws the same blends); ``None`` when ``alpha == 0`` (no blending, and nothing drawn)."""
     if alpha == 0:
         return None
     if alpha < 0:
         raise ValueError(f"blend_alpha must be >= 0 (0: no blending), got {alpha}.")
-    # torch's Beta sampler takes no generator; numpy's, seeded from the run's generator, keeps the draw reproducible
-    seed = int(torch.randint(2**62, (1,), generator=generator))
-    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    return Blend(lam, torch.randperm(batch_size, generator=generator))
+    return Blend(*draw_pair_blend(batch_size, alpha, generator))
 
 
 @dataclass(frozen=True)
