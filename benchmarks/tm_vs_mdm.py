@@ -61,6 +61,8 @@ COST_VARIANTS = {
     "mdm_fresh": ("mdm", {"teacher_mode": "fresh"}), "mdm_pooled": ("mdm", {"teacher_mode": "pooled"}),
     "mdm_blend": ("mdm_blend", {}), "tm": ("tm", {}), "repblend": ("repblend", {}),
 }  # fmt: skip
+COST_LABELS = {"mdm_fresh": "MDM fresh", "mdm_pooled": "MDM pooled", "mdm_blend": "MDM + blending (fresh)",
+               "tm": "TM (LoRS)", "repblend": "TM (RepBlend)"}  # fmt: skip
 # MDM's variants: the package defaults and representation blending (RepBlend's mixing, mdm_hf.blending)
 MDM_VARIANTS = {"mdm": {}, "mdm_blend": {"blend_alpha": 1.0}}
 # the trajectory-matching distillers by library preset: the result key of each (LoRS keeps the historical "tm")
@@ -749,6 +751,17 @@ def _cost_lines(r: dict) -> list[str]:
         )
     if lines[-1].startswith("|---"):  # no budget has its cost measured (a quality-only variant)
         lines[-4:] = ["MDM and TM (LoRS) not both measured in this run (--skip_cost or --methods)."]
+    measured = [(k, name, e["cost"][name]) for k, e in r["budgets"].items() for name in COST_VARIANTS
+                if name in e.get("cost", {})]  # fmt: skip
+    if measured:
+        lines += ["", "Every variant measured (MDM + blending runs MDM's default fresh teacher):", "",
+                  "| K | variant | s/iter | autograd peak MB | loop RSS +MB | set-up s |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for k, name, c in measured:
+            lines.append(
+                f"| {k} | {COST_LABELS[name]} | {c['seconds_per_iteration']:.3f} | "
+                f"{_fmt(c['autograd_saved_peak_mb'], '.0f')} | {_fmt(c['loop_rss_above_setup_mb'], '.0f')} | "
+                f"{_fmt(c['setup_seconds'], '.1f')} |"
+            )
     both = [(k, e["cost"]) for k, e in r["budgets"].items() if {"tm", "repblend"} <= set(e.get("cost", {}))]
     if both:
         lines += ["", "RepBlend (projection-only trajectories + blending) next to LoRS, the same way:", "",
