@@ -643,7 +643,9 @@ def test_benchmark_ratios_and_partial_results_render(tmp_path):
     text = bench.render_markdown({"budgets": {"100": done, "200": pending},
                                   "prepare": {"storage": storage, "seconds": {}}})  # fmt: skip
     assert "| 100 | 4.000 | 1.000 | 4.00 | 0.250 | 16.00 |" in text
-    assert "| 200 |" not in text.split("## Time to quality")[0]
+    main_table, per_variant = text.split("## Time to quality")[0].split("Every variant measured")
+    assert "| 200 |" not in main_table  # the comparison needs every variant of a budget
+    assert "| 200 | MDM fresh | 1.000 | 140 | 200 | 12.0 |" in per_variant  # what was measured is shown
     done["quality_mdm"]["validation"] = [{"step": 25, "seconds": 30.0, "mean": 13.5}]
     assert bench.plot_time_to_quality({"budgets": {"100": done, "200": pending}}, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
