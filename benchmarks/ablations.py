@@ -309,6 +309,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--rows", nargs="+", default=None, help="levels to run (coreset default teacher loss init)"
     )
     parser.add_argument("--time_one", action="store_true", help="one default run, timed; no result files")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="re-render the result files from the recorded runs; run nothing",
+    )
     return parser.parse_args(argv)
 
 
@@ -316,6 +321,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     clip_dir, work = Path(args.clip_dir), Path(args.work_dir) / args.regime
+    if args.report_only:
+        result, runs = _json(RESULTS / f"ablations-{args.regime}.json"), _json(work / "runs.json") or []
+        result.update(rows=summarise(runs), runs=runs)
+        _json(RESULTS / f"ablations-{args.regime}.json", result)
+        (RESULTS / f"ablations-{args.regime}.md").write_text(render(result))
+        print(render(result))
+        return 0
     data, setup = clip_dir / "data", {}
     if args.regime == "clip":
         anchor, bank = clip_dir / "anchor", clip_dir / "experts"
@@ -347,23 +359,26 @@ def main(argv=None) -> int:
         "diagnostics": {"sigma": sigma, "merge": merge_diagnostics(regime), "spread": spread_diagnostics(regime, sigma)},
     }  # fmt: skip
     print(json.dumps(result["diagnostics"], indent=1), flush=True)
+    result.update(rows=summarise(runs), runs=runs)
     done = {(r["row"], r["distill_seed"]) for r in runs}
-    for name, (level, overrides) in ROWS.items():
-        if args.rows is not None and level not in args.rows:
+    # Priority (issue 17): the teacher level against the default first, the coreset, then loss, init; seed-major
+    # inside a group, so a run cut short leaves every row of a group with the same seeds (paired differences).
+    groups = [("default", "teacher"), ("coreset",), ("loss",), ("init",)]
+    order = [(name, seed) for group in groups for seed in range(args.distill_seeds)
+             for name, (level, _) in ROWS.items() if level in group and (args.rows is None or level in args.rows)]  # fmt: skip
+    for name, seed in order:
+        if (name, seed) in done:
             continue
-        for seed in range(args.distill_seeds):
-            if (name, seed) in done:
-                continue
-            synthetic, seconds = regime.distill(overrides, seed, args.steps)
-            scores, student_seconds = regime.students(synthetic, student_seeds)
-            runs.append({"row": name, "distill_seed": seed, "scores": scores, "distill_seconds": seconds,
-                         "student_seconds": student_seconds})  # fmt: skip
-            _json(runs_path, runs)
-            print(f"{name} seed {seed}: {[round(s, 2) for s in scores]} ({seconds:.0f} + {student_seconds:.0f} s)",
-                  flush=True)  # fmt: skip
-            result.update(rows=summarise(runs), runs=runs)
-            _json(RESULTS / f"ablations-{args.regime}.json", result)
-            (RESULTS / f"ablations-{args.regime}.md").write_text(render(result))
+        synthetic, seconds = regime.distill(ROWS[name][1], seed, args.steps)
+        scores, student_seconds = regime.students(synthetic, student_seeds)
+        runs.append({"row": name, "distill_seed": seed, "scores": scores, "distill_seconds": seconds,
+                     "student_seconds": student_seconds})  # fmt: skip
+        _json(runs_path, runs)
+        print(f"{name} seed {seed}: {[round(s, 2) for s in scores]} ({seconds:.0f} + {student_seconds:.0f} s)",
+              flush=True)  # fmt: skip
+        result.update(rows=summarise(runs), runs=runs)
+        _json(RESULTS / f"ablations-{args.regime}.json", result)
+        (RESULTS / f"ablations-{args.regime}.md").write_text(render(result))
     print(render(result))
     return 0
 
