@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Choices as Literal types, so ``--help`` lists them and a wrong value is refused while the line is parsed.
-InitMethod = Literal["kmeans", "random", "herding", "kcenter"]
+InitMethod = Literal["kmeans", "random", "herding", "kcenter", "kmeans_image", "kmeans_text"]
 REPORT_TO_HELP = (
     "Where to send logs (accelerate trackers): none | tensorboard | trackio | wandb | mlflow | all, or several "
     "separated by commas; tensorboard writes under output_dir."
@@ -347,6 +347,11 @@ class MDMConfig(ModelArguments, DistillRunArguments):
     pool_real_size: int | None = _f(
         None, "Real pairs whose embeddings each pooled teacher caches (None: all pairs of the train split)."
     )
+    merge_method: Literal["model_stock", "mean"] = _f(
+        "model_stock",
+        "How drawn experts are mixed: model_stock (MDM, docs/method.md §2) | mean (t = 1: w0 + merge_alpha x the "
+        "mean offset; with merge_alpha 1 the plain average of the experts, the paper's 'weighted sum' ablation).",
+    )
 
     # ---- data: the DatasetArguments fields, and
     validation_split: str | None = _f(
@@ -369,7 +374,9 @@ class MDMConfig(ModelArguments, DistillRunArguments):
 
     # ---- synthetic set (its size: num_pairs)
     init: InitMethod = _f(
-        "kmeans", "Initialisation: kmeans is MDM's joint-space k-means (docs/method.md §1)."
+        "kmeans",
+        "Initialisation: kmeans is MDM's joint-space k-means (docs/method.md §1); kmeans_image / kmeans_text: the "
+        "same on one modality's embeddings (the paper's ablation).",
     )
 
     # ---- optimisation (docs/method.md §4)

@@ -190,6 +190,7 @@ class MDMDistiller(SyntheticSetDistiller):
             k=self.config.experts_per_teacher,
             max_start_epoch=self.config.max_start_epoch,
             alpha=self.config.merge_alpha,
+            method=self.config.merge_method,
         )
 
     def build_teacher_pool(self) -> None:
@@ -206,7 +207,7 @@ class MDMDistiller(SyntheticSetDistiller):
             state = None
             if self.expert_bank is not None:
                 draws = self.expert_bank.sample(gen, cfg.experts_per_teacher, cfg.max_start_epoch)
-                state, ratios = self.expert_bank.merged_state(draws, alpha=cfg.merge_alpha)
+                state, ratios = self.expert_bank.merged_state(draws, cfg.merge_alpha, cfg.merge_method)
                 self.expert_bank.install(self.teacher.model, state)
             zv, zt = self.embed_real(subset)
             self.pool.append({"state": state, "zv": zv.cpu(), "zt": zt.cpu()})

@@ -49,7 +49,7 @@ from .data import (
     preprocess_split_images,
 )
 from .models import DualEncoder
-from .selection import joint_features, select_pairs
+from .selection import select_pairs, selection_features
 from .synthetic import SyntheticSet
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class SyntheticSetDistiller:
         if cfg.init == "random":
             features = torch.zeros(self.train_data.num_captions, 1)
         else:
-            features = joint_features(*self.embed_all_pairs())
+            features = selection_features(cfg.init, *self.embed_all_pairs())
         return select_pairs(cfg.init, features, cfg.num_pairs, cfg.seed).cpu().long()
 
     def start_from(self, indices: torch.Tensor) -> None:

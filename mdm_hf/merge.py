@@ -9,6 +9,8 @@ Per distillation iteration MDM (arXiv 2605.23482) draws ``k`` expert checkpoints
     merged[l] = w0[l] + alpha · t · (mean_i w_i[l] − w0[l])
 
 ``alpha = 1`` is Model Stock's ``w_H = t·w_avg + (1 − t)·w0``; MDM's reference script uses ``alpha = 0.5``.
+``method="mean"`` fixes ``t = 1`` (``merged = w0 + alpha · (mean_i w_i − w0)``; with ``alpha = 1`` the plain average
+of the experts' weights): the paper's "weighted sum" teacher ablation (docs/method.md §2).
 
 Negative cosines: the mean pairwise cosine of ``k`` unit vectors is ≥ −1/(k − 1), where the ratio's denominator
 vanishes; Model Stock's geometry (experts on a sphere around a common centre) only covers ``cos ≥ 0``, and for
@@ -31,7 +33,18 @@ from typing import Union
 
 import torch
 
-__all__ = ["Delta", "ExpertBank", "LowRankDelta", "merge_deltas", "model_stock_merge", "model_stock_ratio"]
+__all__ = [
+    "MERGE_METHODS",
+    "Delta",
+    "ExpertBank",
+    "LowRankDelta",
+    "merge_deltas",
+    "model_stock_merge",
+    "model_stock_ratio",
+]
+
+# model_stock: MDM's mix (docs/method.md §2); mean: t = 1, the paper's "weighted sum" ablation.
+MERGE_METHODS = ("model_stock", "mean")
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,9 +111,10 @@ def _inner(x: Delta | None, y: Delta | None) -> torch.Tensor | None:
 
 
 def _stock_one(
-    w0: torch.Tensor, offsets: list[Delta | None], alpha: float
+    w0: torch.Tensor, offsets: list[Delta | None], alpha: float, method: str = "model_stock"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge one tensor from its anchor and ``k`` offsets (already in the compute dtype/device). Returns (merged, t)."""
+    """Merge one tensor from its anchor and ``k`` offsets (already in the compute dtype/device). Returns (merged, t);
+    ``method="mean"`` takes ``t = 1``."""
     k = len(offsets)
     dtype = torch.float64 if w0.dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=dtype, device=w0.device)
@@ -112,7 +126,11 @@ def _stock_one(
         safe = None if dot is None else dot / denom.clamp_min(torch.finfo(dtype).tiny)
         pair_cos.append(zero if dot is None else torch.where(denom > 0, safe, zero))
     cos = torch.stack(pair_cos).clamp(-1.0, 1.0).mean()
-    t = model_stock_ratio(cos, k)
+    t = (
+        model_stock_ratio(cos, k)
+        if method == "model_stock"
+        else torch.ones((), dtype=dtype, device=w0.device)
+    )
     dense = [d for d in offsets if isinstance(d, torch.Tensor)]
     low = [d for d in offsets if isinstance(d, LowRankDelta)]
     # Σ_i d_i in as few full-size passes as possible: Σ s_i B_i A_i is one matmul of rank Σ r_i.
@@ -134,7 +152,9 @@ def _cast(d: Delta, w0: torch.Tensor) -> Delta:
     return d.to(device=w0.device, dtype=dtype)
 
 
-def _check_k_alpha(k: int, alpha: float, what: str) -> None:
+def _check_k_alpha(k: int, alpha: float, what: str, method: str = "model_stock") -> None:
+    if method not in MERGE_METHODS:
+        raise ValueError(f"{what}: merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}.")
     if k < 2:
         raise ValueError(
             f"{what}: got {k} expert(s); Model Stock mixes k ≥ 2 (the same expert at two epochs is allowed). "
@@ -199,15 +219,19 @@ def model_stock_merge(
 
 
 def merge_deltas(
-    anchor: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str, Delta]], alpha: float = 1.0
+    anchor: Mapping[str, torch.Tensor],
+    deltas: Sequence[Mapping[str, Delta]],
+    alpha: float = 1.0,
+    method: str = "model_stock",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Model Stock merge on anchor-relative offsets: the fast path (only offset keys are touched).
+    ``method="mean"`` averages the offsets instead (``t = 1``, :data:`MERGE_METHODS`).
 
     ``deltas[i]`` maps parameter names to expert ``i``'s offset ``w_i − w0``: a dense tensor or a
     :class:`LowRankDelta`. A key absent from one expert's dict is a zero offset for that expert. Returns the merged
     tensors of every key present in any delta dict (anchor dtype and device) and the per-tensor ratio ``t``.
     """
-    _check_k_alpha(len(deltas), alpha, "merge_deltas")
+    _check_k_alpha(len(deltas), alpha, "merge_deltas", method)
     keys = list(dict.fromkeys(key for d in deltas for key in d))
     merged: dict[str, torch.Tensor] = {}
     ratios: dict[str, torch.Tensor] = {}
@@ -230,7 +254,7 @@ def merge_deltas(
                     f"{tuple(w0.shape)}."
                 )
             offsets.append(_cast(d[key], w0))
-        merged[key], ratios[key] = _stock_one(w0, offsets, alpha)
+        merged[key], ratios[key] = _stock_one(w0, offsets, alpha, method)
     values = torch.stack([t.double() for t in ratios.values()]).cpu().tolist() if ratios else []  # one sync
     return merged, dict(zip(ratios, values))
 
@@ -332,17 +356,36 @@ class ExpertBank:
         return draws
 
     def merged_state(
-        self, draws: Sequence[tuple[int, int]], alpha: float = 1.0
+        self, draws: Sequence[tuple[int, int]], alpha: float = 1.0, method: str = "model_stock"
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The mixed teacher's tensors for ``draws`` -- every touched key, so a previous teacher leaves no trace --
-        and the Model Stock ratio ``t`` of each tensor some drawn checkpoint changes."""
+        and the ratio ``t`` of each tensor some drawn checkpoint changes (``method``: :data:`MERGE_METHODS`)."""
         for i, e in draws:
             if not (0 <= i < self.num_experts and 1 <= e <= self.num_epochs(i)):
                 raise ValueError(
                     f"ExpertBank: draw (expert {i}, epoch {e}) is outside the bank (epochs are 1-based)."
                 )
-        merged, ratios = merge_deltas(self._anchor, [self._experts[i][e - 1] for i, e in draws], alpha)
+        offsets = [self._experts[i][e - 1] for i, e in draws]
+        merged, ratios = merge_deltas(self._anchor, offsets, alpha, method)
         return {k: merged.get(k, v) for k, v in self._anchor.items()}, ratios
+
+    def offset_cosines(self, draws: Sequence[tuple[int, int]]) -> dict[str, float]:
+        """Per touched tensor, the mean pairwise cosine of the drawn checkpoints' offsets before any clamp (the
+        ``cos`` of the module docstring; a zero offset counts as orthogonal): why Model Stock's ``t`` is what it
+        is. A diagnostic: :meth:`merged_state` reports ``t`` itself."""
+        chosen = [self._experts[i][e - 1] for i, e in draws]
+        out = {}
+        for key, w0 in self._anchor.items():
+            offsets = [None if key not in d else _cast(d[key], w0) for d in chosen]
+            norms = [None if d is None else float(_inner(d, d)) ** 0.5 for d in offsets]
+            cos = [
+                float(_inner(offsets[i], offsets[j])) / (norms[i] * norms[j])
+                if norms[i] and norms[j]
+                else 0.0
+                for i, j in itertools.combinations(range(len(offsets)), 2)
+            ]
+            out[key] = sum(cos) / len(cos) if cos else 0.0
+        return out
 
     def install(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         """Copy ``state`` into ``model``'s existing parameters in place (same storage; only the given keys)."""
@@ -373,10 +416,11 @@ class ExpertBank:
         k: int = 2,
         max_start_epoch: int | None = None,
         alpha: float = 1.0,
+        method: str = "model_stock",
     ) -> dict:
         """Sample, merge and install a fresh mixed teacher; returns ``{"draws", "mean_t", "ratios"}`` for logs."""
         draws = self.sample(generator, k, max_start_epoch)
-        state, ratios = self.merged_state(draws, alpha)
+        state, ratios = self.merged_state(draws, alpha, method)
         self.install(model, state)
         mean_t = sum(ratios.values()) / len(ratios) if ratios else 0.0
         return {"draws": draws, "mean_t": mean_t, "ratios": ratios}

@@ -27,10 +27,12 @@ __all__ = [
     "kmeans_select",
     "random_select",
     "select_pairs",
+    "selection_features",
     "spherical_kmeans",
 ]
 
-SELECTION_METHODS = ("kmeans", "random", "herding", "kcenter")
+# kmeans_image / kmeans_text: the paper's single-modality ablation of the initialisation (docs/method.md §1).
+SELECTION_METHODS = ("kmeans", "random", "herding", "kcenter", "kmeans_image", "kmeans_text")
 
 # Rows per block when scoring all points against the centroids: 65,536 x 1,000 float32 sims = 256 MB.
 _ASSIGN_CHUNK = 65_536
@@ -101,6 +103,17 @@ def joint_features(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tor
     zt = zt.to(device=zv.device)
     j = torch.cat([F.normalize(zv.to(dtype), dim=1), F.normalize(zt.to(dtype), dim=1)], dim=1)
     return F.normalize(j, dim=1)
+
+
+def selection_features(method: str, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """The features ``method`` selects on: ``z_v`` alone for ``"kmeans_image"``, ``z_t`` alone for
+    ``"kmeans_text"`` (the paper's image-only / text-only k-means ablation, docs/method.md §1), the joint feature
+    (:func:`joint_features`) for every other method."""
+    if method == "kmeans_image":
+        return F.normalize(_as_features(image_embeds, "image_embeds"), dim=1)
+    if method == "kmeans_text":
+        return F.normalize(_as_features(text_embeds, "text_embeds"), dim=1)
+    return joint_features(image_embeds, text_embeds)
 
 
 # ------------------------------------------------------------------------------------------- k-means
@@ -307,7 +320,8 @@ def select_pairs(
 
     Args:
         method: one of :data:`SELECTION_METHODS` — ``"kmeans"`` (MDM), ``"random"``, ``"herding"``,
-            ``"kcenter"``.
+            ``"kcenter"``; ``"kmeans_image"`` / ``"kmeans_text"`` run the same k-means on the features
+            :func:`selection_features` gives them (one modality).
         features: ``[N, d]`` joint features of the real pairs (:func:`joint_features`); validated for every
             method (finite values) even though ``"random"`` only uses N.
         k: budget (number of synthetic pairs), ``1 <= k <= N``.
@@ -323,7 +337,7 @@ def select_pairs(
         )
     x = _as_features(features)
     k = _check_budget(k, x.shape[0])
-    if method == "kmeans":
+    if method in ("kmeans", "kmeans_image", "kmeans_text"):
         return kmeans_select(x, k, seed=seed, niter=niter)
     if method == "random":
         return random_select(x.shape[0], k, seed=seed)

@@ -278,3 +278,51 @@ def test_bank_stores_clones_and_raises_clear_errors():
         bank.install(net, {"0.weight": torch.ones(4, 3)})
     with pytest.raises(ValueError, match="outside the bank"):
         bank.merged_state([(0, 1), (0, 2)])
+
+
+# ============================================================================================ mean merge (ablation)
+def test_mean_merge_is_alpha_times_the_average_offset_by_hand():
+    w0, ws = [1.0, 2.0], [[2.0, 2.0], [1.0, 5.0]]  # orthogonal offsets: Model Stock keeps the anchor (t = 0)
+    anchor = {"w": _t(w0)}
+    deltas = [{"w": _t([a - b for a, b in zip(w, w0)])} for w in ws]
+    for alpha in (1.0, 0.5):
+        merged, ratios = merge_deltas(anchor, deltas, alpha, method="mean")
+        expected = [
+            w0[p] + alpha * ((ws[0][p] + ws[1][p]) / 2 - w0[p]) for p in range(2)
+        ]  # (1.5, 3.5) at alpha 1
+        assert merged["w"].tolist() == pytest.approx(expected, abs=1e-12) and ratios == {"w": 1.0}
+    stock, ratios = merge_deltas(anchor, deltas, 1.0)
+    assert torch.equal(stock["w"], anchor["w"]) and ratios == {"w": 0.0}
+    with pytest.raises(ValueError, match="merge method 'sum'; choose one of model_stock, mean"):
+        merge_deltas(anchor, deltas, 1.0, method="sum")
+
+
+def test_mean_merge_of_lowrank_offsets_and_the_bank_agree_with_dense():
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    lows = [_lora(3, 4, 2, 1.5, g) for _ in range(3)]
+    lows = [LowRankDelta(d.lora_A.double(), d.lora_B.double(), d.scale) for d in lows]
+    merged, _ = merge_deltas({"w": w0}, [{"w": d} for d in lows], 0.5, method="mean")
+    torch.testing.assert_close(merged["w"], w0 + 0.5 * sum(d.dense() for d in lows) / 3)
+    net = _net()
+    bank = _bank(net)
+    state, ratios = bank.merged_state([(0, 1), (1, 2)], 0.7, method="mean")
+    anchor = {k: v.detach().clone() for k, v in _net().state_dict().items()}
+    ref, _ = merge_deltas(anchor, [bank._experts[0][0], bank._experts[1][1]], 0.7, method="mean")
+    assert set(ratios.values()) == {1.0}
+    for key in ref:
+        torch.testing.assert_close(state[key], ref[key])
+    # a bias only expert 1 touches: mean with expert 0's zero offset halves it
+    torch.testing.assert_close(state["0.bias"], anchor["0.bias"] + 0.7 * bank._experts[1][1]["0.bias"] / 2)
+
+
+def test_offset_cosines_match_a_hand_computation():
+    net = _net()
+    bank = _bank(net)
+    cos = bank.offset_cosines([(0, 1), (1, 2)])
+    d0, d1 = bank._experts[0][0]["0.weight"].dense(), bank._experts[1][1]["0.weight"].dense()
+    by_hand = float((d0 * d1).sum() / (d0.norm() * d1.norm()))
+    assert cos["0.weight"] == pytest.approx(by_hand, abs=1e-6)
+    assert cos["0.bias"] == 0.0  # expert 0 leaves the bias: orthogonal, as in the merge
+    _, ratios = bank.merged_state([(0, 1), (1, 2)])
+    assert ratios["0.weight"] == pytest.approx(model_stock_ratio(by_hand, 2), abs=1e-6)

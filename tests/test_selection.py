@@ -13,6 +13,7 @@ from mdm_hf.selection import (
     kmeans_select,
     random_select,
     select_pairs,
+    selection_features,
     spherical_kmeans,
 )
 
@@ -206,3 +207,14 @@ def test_errors():
         select_pairs("kmeans", torch.randn(10), 3)
     with pytest.raises(ValueError, match="integer"):
         select_pairs("herding", x, 2.5)
+
+
+def test_single_modality_kmeans_selects_like_kmeans_select_on_that_modality():
+    zv, zt = _blobs(n_blobs=5, per=12, d=8, seed=3), _blobs(n_blobs=3, per=20, d=6, seed=4)
+    image = select_pairs("kmeans_image", selection_features("kmeans_image", zv, zt), 7, seed=1)
+    text = select_pairs("kmeans_text", selection_features("kmeans_text", zv, zt), 7, seed=1)
+    torch.testing.assert_close(image, kmeans_select(zv, 7, seed=1))
+    torch.testing.assert_close(text, kmeans_select(zt, 7, seed=1))
+    assert not torch.equal(image, text)
+    torch.testing.assert_close(selection_features("kmeans", zv, zt), joint_features(zv, zt))
+    torch.testing.assert_close(selection_features("herding", zv, zt), joint_features(zv, zt))
