@@ -96,7 +96,7 @@ def build_paper_regime(data: Path, work: Path) -> tuple[Path, Path, dict]:
             dataset_name=str(data), train_split="pretrain", label_column="concept", image_size=SIZES.image_size,
             hidden_size=SIZES.anchor_hidden_size, num_hidden_layers=SIZES.anchor_layers,
             num_attention_heads=SIZES.anchor_heads, intermediate_size=4 * SIZES.anchor_hidden_size,
-            max_steps=SIZES.anchor_steps, num_epochs=10_000, per_device_train_batch_size=SIZES.anchor_batch_size,
+            max_steps=SIZES.anchor_steps, num_train_epochs=10_000, per_device_train_batch_size=SIZES.anchor_batch_size,
             grayscale_p=0.2, blur_p=0.2, seed=0, output_dir=str(anchor), overwrite_output_dir=True,
         ))  # fmt: skip
         seconds["anchor"] = time.perf_counter() - start

@@ -42,9 +42,10 @@ from .anchor import (
 )
 from .checkpointing import prepare_output_dir
 from .config import config_field as _f
+from .config import trackers
 from .data import load_split, preprocess_split_images
 from .models import DualEncoder
-from .training import run_contrastive_training
+from .training import TrainingLog, finish_trackers, run_contrastive_training, start_trackers
 
 __all__ = ["ClassifierAnchorConfig", "LabelledImages", "pretrain_classifier_anchor"]
 
@@ -120,7 +121,7 @@ def pretrain_classifier_anchor(config: ClassifierAnchorConfig, accelerator=None)
     """Train the vision tower as a classifier, then save the dual encoder with its pretrained text tower and fresh
     projections to ``config.output_dir``. ``initial_loss`` / ``final_loss`` of the result are the top-1 *error*
     (%) on the train images before and after (eval mode), so lower is better as for the contrastive anchor."""
-    acc = accelerator or Accelerator()
+    acc = accelerator or Accelerator(log_with=trackers(config.report_to), project_dir=config.output_dir)
     out = Path(config.output_dir)
     prepare_output_dir(out, owned=owns_anchor_file, overwrite=config.overwrite_output_dir, accelerator=acc)
     set_seed(config.seed)
@@ -149,12 +150,16 @@ def pretrain_classifier_anchor(config: ClassifierAnchorConfig, accelerator=None)
     objective.to(acc.device)
     batch = config.per_device_train_batch_size
     initial = 100.0 - _accuracy(objective, pixels, labels, batch)
+    training_log = TrainingLog(acc, description="classifier anchor", logging_steps=config.logging_steps,
+                               disable_tqdm=config.disable_tqdm)  # fmt: skip
+    start_trackers(acc, config.report_to, "mdm-classifier-anchor", asdict(config))
     losses = run_contrastive_training(
         acc, objective, LabelledImages(pixels, labels), learning_rate=config.learning_rate, batch_size=batch,
-        num_epochs=config.num_epochs, weight_decay=config.weight_decay, max_steps=config.max_steps,
+        num_train_epochs=config.num_train_epochs, weight_decay=config.weight_decay, max_steps=config.max_steps,
         lr_scheduler_type=config.lr_scheduler_type, warmup_ratio=config.warmup_ratio,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=config.max_grad_norm, training_log=training_log,
     )  # fmt: skip
+    finish_trackers(acc)
     final = 100.0 - _accuracy(objective, pixels, labels, batch)
     if acc.is_main_process:
         encoder.save_pretrained(out)

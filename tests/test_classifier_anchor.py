@@ -50,7 +50,7 @@ def _config(labelled_dir, text_dir, out, **kw):
     values = dict(
         dataset_name=labelled_dir, train_split="pretrain", text_model_name_or_path=text_dir, image_size=32,
         patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        projection_dim=16, num_epochs=15, per_device_train_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
+        projection_dim=16, num_train_epochs=15, per_device_train_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
         output_dir=str(out), seed=3,
     )  # fmt: skip
     return ClassifierAnchorConfig(**{**values, **kw})
@@ -88,7 +88,7 @@ def test_classifier_anchor_learns_labels_and_keeps_text_tower_and_fresh_projecti
 def test_missing_label_column_is_named(labelled_dir, text_dir, tmp_path):
     with pytest.raises(ValueError, match="no column 'shape'.*--label_column"):
         pretrain_classifier_anchor(
-            _config(labelled_dir, text_dir, tmp_path / "a", label_column="shape", num_epochs=1)
+            _config(labelled_dir, text_dir, tmp_path / "a", label_column="shape", num_train_epochs=1)
         )
     with pytest.raises(ValueError, match="label_smoothing"):
         _config(labelled_dir, text_dir, tmp_path / "b", label_smoothing=1.0)

@@ -49,7 +49,7 @@ def test_literal_choices_are_listed_in_help_and_refused_otherwise(capsys):
     with pytest.raises(SystemExit):  # every MDM choice field is a Literal now
         parse_dataclass_args(MDMConfig, ["--help"], prog="mdm-hf distill")
     help_text = capsys.readouterr().out
-    for choices in ("{kmeans,random,herding,kcenter}", "{sgd,adam}", "{fresh,pooled}", "{initial,real_mean,free}",
+    for choices in ("{kmeans,random,herding,kcenter,kmeans_image,kmeans_text}", "{sgd,adam}", "{fresh,pooled}", "{initial,real_mean,free}",
                     "{auto,pooler,mean,last}", "{auto,clip,siglip}"):  # fmt: skip
         assert choices in help_text, choices
 
