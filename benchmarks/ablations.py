@@ -49,7 +49,7 @@ from mdm_hf.models import DualEncoder
 from mdm_hf.students import StudentEvaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CLIP_DIR = "/work/main/benchmarks/runs/emojicaps-cli"
+CLIP_DIR = "benchmarks/runs/emojicaps-cli"
 # The EmojiCaps benchmark's sizes (benchmarks/emojicaps/run.py); paper-regime bank: 2 experts x 3 epochs. Students:
 # the small preset at 50 steps, not the benchmark's 100 (100-pair students peak after 10-20 steps; CPU budget).
 SIZES = DemoConfig(image_size=48, anchor_hidden_size=192, anchor_layers=4, anchor_heads=3, anchor_steps=400,
