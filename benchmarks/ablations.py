@@ -16,8 +16,9 @@ Rows (docs/method.md §1-§3; the default is joint k-means, Model Stock, all thr
 teacher = anchor only / one expert (expert 0's last checkpoint, fixed, full offset) / mean of two experts (weighted
 sum: t = 1, merge_alpha 1, i.e. the plain average of the drawn experts) / Model Stock; loss = InfoNCE / + agreement /
 + discrepancy / all; init = random / image-only k-means / text-only k-means / joint k-means; and the joint-k-means
-coreset itself (step 0, no distillation). Each row: ``--distill_seeds`` distillations (seed = init, teacher draws,
-batches) x ``--student_seeds`` small students (100 steps, best step on T validation), scored on T VALIDATION only.
+coreset itself (step 0, no distillation); a small sweep of the mixed teacher (4 checkpoints per teacher; first
+epoch only). Each row: ``--distill_seeds`` distillations (seed = init, teacher draws, batches) x ``--student_seeds``
+small students (50 steps, best step on T validation), scored on T VALIDATION only.
 
 Diagnostics: cosine of expert offsets and Model Stock's ratio t (per tensor group), and the geodesic spread of the
 real agreement / discrepancy directions against the GKE bandwidth sigma.
@@ -70,6 +71,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "init: random real pairs": ("init", {"init": "random"}),
     "init: image-only k-means": ("init", {"init": "kmeans_image"}),
     "init: text-only k-means": ("init", {"init": "kmeans_text"}),
+    # the small sweep of issue 17 (default: 2 checkpoints per teacher, any epoch): more checkpoints raise Model
+    # Stock's t = k cos / (1 + (k - 1) cos) when expert offsets are near orthogonal; early epochs are closer to the anchor
+    "sweep: 4 checkpoints per teacher (experts_per_teacher 4)": ("sweep", {"experts_per_teacher": 4}),
+    "sweep: first epoch only (max_start_epoch 1)": ("sweep", {"max_start_epoch": 1}),
 }
 DEFAULT_ROW = "default: joint k-means, Model Stock, all three terms"
 
@@ -306,7 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--distill_seeds", type=int, default=3)
     parser.add_argument("--student_seeds", type=int, default=3)
     parser.add_argument(
-        "--rows", nargs="+", default=None, help="levels to run (coreset default teacher loss init)"
+        "--rows", nargs="+", default=None, help="levels to run (coreset default teacher loss init sweep)"
     )
     parser.add_argument("--time_one", action="store_true", help="one default run, timed; no result files")
     parser.add_argument(
@@ -363,7 +368,7 @@ def main(argv=None) -> int:
     done = {(r["row"], r["distill_seed"]) for r in runs}
     # Priority (issue 17): the teacher level against the default first, the coreset, then loss, init; seed-major
     # inside a group, so a run cut short leaves every row of a group with the same seeds (paired differences).
-    groups = [("default", "teacher"), ("coreset",), ("loss",), ("init",)]
+    groups = [("default", "teacher"), ("coreset",), ("loss",), ("init",), ("sweep",)]
     order = [(name, seed) for group in groups for seed in range(args.distill_seeds)
              for name, (level, _) in ROWS.items() if level in group and (args.rows is None or level in args.rows)]  # fmt: skip
     for name, seed in order:
