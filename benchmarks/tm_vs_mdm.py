@@ -528,9 +528,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip_quality", action="store_true", help="cost and storage only")
     parser.add_argument("--skip_cost", action="store_true", help="quality only (a variant of a finished run)")
-    parser.add_argument("--students_only", action="store_true",
-                        help="rerun only the students on the sets a finished run saved (the same command plus this "
-                             "flag): its recorded JSON is read and its student rows replaced")  # fmt: skip
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a recorded run (the same command plus this flag): cost variants, "
+                             "distillations (with their saved sets) and student tables in its JSON are kept, only "
+                             "the missing ones run")  # fmt: skip
     parser.add_argument("--replot", metavar="RESULTS_JSON", default=None,
                         help="only redraw the plot and table of a recorded run (e.g. benchmarks/results/tm_vs_mdm.json)")  # fmt: skip
     parser.add_argument("--mdm_eval_steps", type=int, default=None,
@@ -572,7 +573,7 @@ def measure_cost(args, configs: dict, results: dict, write) -> None:
     for k in [] if args.skip_cost else args.budgets:
         entry = results["budgets"][str(k)]
         for name, (method, overrides) in COST_VARIANTS.items():
-            if method not in args.methods:
+            if method not in args.methods or name in entry["cost"]:  # not run, or recorded (--resume)
                 continue
             cfg = dict(configs[k][method], **overrides, eval_steps=0,
                        output_dir=configs[k][method]["output_dir"] + "-cost")  # fmt: skip
@@ -590,6 +591,8 @@ def measure_quality(args, demo, paths: dict, configs: dict, work: Path, results:
     specs = []
     for k in args.budgets:
         for method in args.methods:
+            if f"quality_{method}" in results["budgets"][str(k)]:
+                continue  # recorded, its set checked by resume()
             specs.append({
                 "method": method, "num_pairs": k, "config": configs[k][method], "threads": args.threads,
                 "eval_steps": args.eval_steps, "student_val_steps": args.student_val_steps, "demo": demo,
@@ -611,11 +614,43 @@ def measure_students(args, demo, paths: dict, work: Path, results: dict, write) 
     """Stage 3: students on every saved set and the coresets, one protocol and the same seeds; budgets in parallel."""
     specs = [{"args": args, "demo": demo, "paths": paths, "k": k, "work": str(work), "threads": args.threads,
               "sets": {m: str(work / f"sets/{m}-{k}{args.tag}") for m in args.methods},
-              "with_full": i == 0 and not args.no_full} for i, k in enumerate(args.budgets)]  # fmt: skip
+              "with_full": i == 0 and not args.no_full} for i, k in enumerate(args.budgets)
+             if "students" not in results["budgets"][str(k)]]  # fmt: skip
     for spec, out in _run_pool(students_job, specs, args.jobs):
         results["budgets"][str(spec["k"])]["students"] = out
         print(f"K={spec['k']} students:", json.dumps(out["rows"]), flush=True)
         write()
+
+
+# arguments that do not change a result: a resumed run may set them differently (--budgets: any subset; each
+# budget's entries are independent)
+RESUME_FREE = {"resume", "jobs", "threads", "results_dir", "replot", "budgets"}
+
+
+def resume(args, argv, work: Path) -> dict:
+    """The recorded results of the run this command continues (``--resume``); refused, naming the differences, if
+    the recorded run had other result-changing arguments, or a recorded distillation's set is gone."""
+    name = ("tm_vs_mdm_quick" if args.quick else "tm_vs_mdm") + args.tag
+    recorded = Path(args.results_dir) / f"{name}.json"
+    if not recorded.exists():
+        raise SystemExit(
+            f"--resume: no recorded run at {recorded}; run the same command without --resume first."
+        )
+    results = json.loads(recorded.read_text())
+    before, now = results.get("arguments", {}), json.loads(json.dumps(vars(args), default=str))
+    changed = [f"{k}: {before[k]!r} recorded, {now[k]!r} now" for k in sorted(set(before) & set(now) - RESUME_FREE)
+               if before[k] != now[k]]  # fmt: skip
+    if changed:
+        raise SystemExit("--resume: this command differs from the recorded run in " + "; ".join(changed)
+                         + ". Run it with the recorded arguments, or under a new --tag.")  # fmt: skip
+    for k, entry in results["budgets"].items():
+        for method in [m for m in SET_LABELS if f"quality_{m}" in entry]:
+            if not Path(entry[f"quality_{method}"]["synthetic_dir"]).exists():
+                raise SystemExit(f"--resume: the recorded K={k} {method} set {entry[f'quality_{method}']['synthetic_dir']} "
+                                 "is gone; rerun without --resume (or under a new --tag).")  # fmt: skip
+    resumed = "python benchmarks/tm_vs_mdm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    results.setdefault("resumed_by", []).append(resumed)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -649,35 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({k: v for k, v in paths.items() if k != "expert_validation_mean_recall_at_1"}),
         flush=True,
     )
-    if args.students_only:
-        name = ("tm_vs_mdm_quick" if args.quick else "tm_vs_mdm") + args.tag
-        recorded = Path(args.results_dir) / f"{name}.json"
-        if not recorded.exists():
-            raise SystemExit(
-                f"--students_only: no recorded run at {recorded}; run the same command without the flag first."
-            )
-        results = json.loads(recorded.read_text())
-        missing = [f"sets/{m}-{k}{args.tag}" for k in args.budgets for m in args.methods
-                   if not (work / f"sets/{m}-{k}{args.tag}").exists()]  # fmt: skip
-        if missing:
-            raise SystemExit(
-                f"--students_only: no saved set {', '.join(missing)} under {work}; distill them first."
-            )
-        results["students_command"] = "python benchmarks/tm_vs_mdm.py " + shlex.join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        args.students_only = False  # the recorded command stays the run's command
-        measure_students(args, demo, paths, work, results, write)
-        write()
-        print(render_markdown(results))
-        return 0
-    results = {"budgets": {}, "prepare": paths}
+    results = resume(args, argv, work) if args.resume else {"budgets": {}, "prepare": paths}
     configs = {k: method_configs(args, demo, paths, k, work) for k in args.budgets}
     for k in args.budgets:
-        results["budgets"][str(k)] = {
-            "lors_preset_budget": configs[k]["lors_preset_budget"],
-            "configs": {m: configs[k][m] for m in SET_LABELS if m in configs[k]}, "cost": {},
-        }  # fmt: skip
+        results["budgets"].setdefault(str(k), {"cost": {}}).update(
+            lors_preset_budget=configs[k]["lors_preset_budget"],
+            configs={m: configs[k][m] for m in SET_LABELS if m in configs[k]},
+        )
     measure_cost(args, configs, results, write)
     if not args.skip_quality:
         measure_quality(args, demo, paths, configs, work, results, write)
@@ -702,12 +715,17 @@ def _environment() -> dict:
 
 
 def _write(args, results: dict, quick: bool, argv, started: float) -> None:
-    argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--students_only"]
-    results["command"] = "python benchmarks/tm_vs_mdm.py " + shlex.join(argv)
-    results["arguments"] = vars(args)
+    if not args.resume:  # a continuation keeps the run's command and arguments; its own is in "resumed_by"
+        argv = argv if argv is not None else sys.argv[1:]
+        results["command"] = "python benchmarks/tm_vs_mdm.py " + shlex.join(argv)
+        results["arguments"] = vars(args)
     results["machine"] = {**_environment(), "threads": args.threads}
-    key = "students_rerun_seconds" if "students_command" in results else "total_seconds"
-    results[key] = time.perf_counter() - started
+    if args.resume:  # the seconds of each continuation, after the first run's
+        results["resumed_seconds"] = results.get("resumed_seconds", [])[: len(results["resumed_by"]) - 1] + [
+            time.perf_counter() - started
+        ]
+    else:
+        results["total_seconds"] = time.perf_counter() - started
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = ("tm_vs_mdm_quick" if quick else "tm_vs_mdm") + args.tag
@@ -893,6 +911,10 @@ def render_markdown(r: dict) -> str:
         "",
         f"Command: `{r.get('command', '')}`; {m.get('platform', '')}, {m.get('threads', '?')} threads, "
         f"torch {m.get('torch', '')}, GPU: {m.get('cuda') or 'none'}. Total {_fmt(r.get('total_seconds'), '.0f')} s.",
+        *[
+            f"Continued by: `{c}` ({_fmt(sec, '.0f')} s)."
+            for c, sec in zip(r.get("resumed_by", []), r.get("resumed_seconds", []), strict=False)
+        ],  # fmt: skip
         "",
         *_cost_lines(r),
     ]

@@ -687,3 +687,30 @@ def test_command_line_records_a_buffer_and_distils_from_it(capsys, tiny_clip_dir
                  "--lr_pixels", "1.0", "--lr_text", "1.0", "--device", "cpu", "--output_dir", str(out)]) == 0  # fmt: skip
     rows = datasets.load_dataset(str(out / "synthetic"), cache_dir=str(tmp_path / "ds-cache"))["train"]
     assert rows.num_rows == 6 and "pixel_values" in rows.column_names
+
+
+def test_benchmark_resume_refuses_other_arguments_and_missing_sets(tmp_path):
+    bench = _benchmark_module()
+
+    def parsed(*extra):
+        args = bench._parser().parse_args(["--results_dir", str(tmp_path), "--tag", "t", *extra])
+        args.tag = f"-{args.tag}"
+        bench._fill_defaults(args)
+        return args
+
+    with pytest.raises(SystemExit, match="no recorded run"):
+        bench.resume(parsed("--resume"), [], tmp_path)
+    recorded = parsed()
+    kept = tmp_path / "sets" / "mdm-100-t"
+    kept.mkdir(parents=True)
+    results = {"arguments": json.loads(json.dumps(vars(recorded), default=str)),
+               "budgets": {"100": {"cost": {}, "quality_mdm": {"synthetic_dir": str(kept)}}}}  # fmt: skip
+    (tmp_path / "tm_vs_mdm-t.json").write_text(json.dumps(results))
+    # the same run (other --jobs and a subset of budgets are free): continued, the continuation recorded
+    got = bench.resume(parsed("--resume", "--jobs", "3", "--budgets", "100"), ["--resume"], tmp_path)
+    assert got["resumed_by"] == ["python benchmarks/tm_vs_mdm.py --resume"]
+    with pytest.raises(SystemExit, match=r"mdm_steps: 300 recorded, 50 now"):
+        bench.resume(parsed("--resume", "--mdm_steps", "50"), [], tmp_path)
+    kept.rmdir()
+    with pytest.raises(SystemExit, match="K=100 mdm set .* is gone"):
+        bench.resume(parsed("--resume"), [], tmp_path)
