@@ -46,6 +46,7 @@ from mdm_hf.config import MDMConfig
 from mdm_hf.data import cached_text_features, load_split, preprocess_split_images
 from mdm_hf.demo import DemoConfig, student_config, train_experts
 from mdm_hf.distill import MDMDistiller
+from mdm_hf.losses import MDMLoss
 from mdm_hf.models import DualEncoder
 from mdm_hf.students import StudentEvaluator
 
@@ -226,6 +227,47 @@ def spread_diagnostics(regime: Regime, sigma: float) -> dict:
     return out
 
 
+def gradient_diagnostics(regime: Regime, steps: int, seed: int = 0) -> dict:
+    """How hard each weighted loss term pulls on the synthetic embeddings (docs/method.md §3), at the start (K real
+    pairs stand in for the joint-k-means init) and after a default distillation of ``steps`` iterations; 512 real
+    pairs are the real batch, the anchor is the teacher. Per term: its unweighted value, the norm of its weighted
+    gradient with respect to the K synthetic (image, text) embeddings, and that gradient's cosine with InfoNCE's.
+    The embedding gradient is what the encoders back-propagate to pixels and text features, so the norms compare
+    the terms' grip."""
+    distilled = regime.distill({}, seed, steps)[0]
+    config, teacher, gen = regime.base_config(seed), regime.teacher(), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        zv = torch.cat([teacher.image_embeds(p) for p in regime.pixels.split(256)])[
+            regime.train.caption_to_image
+        ]
+        zt = teacher.project_text(regime.text_features)
+        order = torch.randperm(len(zt), generator=gen)
+        states = {"start (K real pairs)": (zv[order[:K]], zt[order[:K]]),
+                  f"after {steps} iterations (default row, seed {seed})": (
+                      teacher.image_embeds(distilled.pixel_values.float()),
+                      teacher.project_text(distilled.text_features.float()))}  # fmt: skip
+    real = order[K : K + 512]
+    terms = {"InfoNCE": ("lambda_contrastive", "contrastive"), "agreement": ("lambda_agreement", "agreement"),
+             "discrepancy": ("lambda_discrepancy", "discrepancy")}  # fmt: skip
+    loss_fn = MDMLoss(lambda_contrastive=1.0, lambda_agreement=1.0, lambda_discrepancy=1.0, sigma=config.sigma,
+                      temperature=config.temperature)  # fmt: skip
+    out = {}
+    for state, (syn_v, syn_t) in states.items():
+        grads, values = {}, {}
+        for term, (weight, field) in terms.items():
+            sv, st = syn_v.clone().requires_grad_(True), syn_t.clone().requires_grad_(True)
+            value = getattr(loss_fn(zv[real], zt[real], sv, st), field)
+            (getattr(config, weight) * value).backward()
+            grads[term], values[term] = (
+                torch.cat([sv.grad.flatten(), st.grad.flatten()]),
+                float(value.detach()),
+            )
+        out[state] = {term: {"value": values[term], "grad_norm": float(g.norm()),
+                             "cosine_with_InfoNCE": float(F.cosine_similarity(g, grads["InfoNCE"], dim=0))}
+                      for term, g in grads.items()}  # fmt: skip
+    return out
+
+
 # ============================================================================================ the run
 def summarise(runs: list[dict]) -> dict:
     """Per row: mean and sample std (n - 1) over all distill x student scores; the std of the per-distill-seed
@@ -290,6 +332,15 @@ def render(result: dict) -> str:
             lines.append(
                 f"| {teacher} | matched image-text cosine | {entry['image-text cosine (matched pairs), mean']:.3f} | | |"
             )
+    if "gradients" in diag:
+        lines += ["", "Grip of each loss term (anchor teacher, 512 real pairs; gradient of the weighted term with "
+                  "respect to the K synthetic embeddings):", "",
+                  "| state | term | value | weighted gradient norm | cosine with the InfoNCE gradient |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for state, terms in diag["gradients"].items():
+            for term, v in terms.items():
+                lines.append(f"| {state} | {term} | {v['value']:.4f} | {v['grad_norm']:.4f} | "
+                             f"{v['cosine_with_InfoNCE']:.2f} |")  # fmt: skip
     if result.get("setup_seconds"):
         lines += [
             "",
@@ -361,7 +412,8 @@ def main(argv=None) -> int:
                      "validation; std = sample std over all runs of a row."),
         "config": {"steps": args.steps, "sizes": asdict(SIZES)},
         "setup_seconds": setup,
-        "diagnostics": {"sigma": sigma, "merge": merge_diagnostics(regime), "spread": spread_diagnostics(regime, sigma)},
+        "diagnostics": {"sigma": sigma, "merge": merge_diagnostics(regime), "spread": spread_diagnostics(regime, sigma),
+                        "gradients": gradient_diagnostics(regime, args.steps)},
     }  # fmt: skip
     print(json.dumps(result["diagnostics"], indent=1), flush=True)
     result.update(rows=summarise(runs), runs=runs)
