@@ -622,9 +622,9 @@ def measure_students(args, demo, paths: dict, work: Path, results: dict, write) 
         write()
 
 
-# arguments that do not change a result: a resumed run may set them differently (--budgets: any subset; each
-# budget's entries are independent)
-RESUME_FREE = {"resume", "jobs", "threads", "results_dir", "replot", "budgets"}
+# arguments that change no recorded number: a resumed run may set them differently (--budgets: any subset, each
+# budget's entries are independent; --no_full: whether the full-data row is added)
+RESUME_FREE = {"resume", "jobs", "threads", "results_dir", "replot", "budgets", "no_full"}
 
 
 def resume(args, argv, work: Path) -> dict:
