@@ -1,22 +1,14 @@
 """The ablation benchmark's statistics (benchmarks/ablations.py, issue 17) against a hand-worked case."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-
-def _ablations():
-    path = Path(__file__).parents[1] / "benchmarks" / "ablations.py"
-    spec = importlib.util.spec_from_file_location("ablations", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_modules import load_benchmark
 
 
 def test_summary_pairs_rows_with_the_default_by_distill_seed():
-    bench = _ablations()
+    bench = load_benchmark("ablations")
     other = "teacher: anchor only"
 
     def run(row, seed, scores):

@@ -34,6 +34,7 @@ from mdm_hf.data import load_image_caption_dataset
 from mdm_hf.losses import clip_contrastive_loss
 from mdm_hf.models import DualEncoder
 from mdm_hf.profiling import SavedTensorsMeter
+from tests.benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -527,18 +528,8 @@ def test_clear_errors_for_a_lora_bank_and_too_short_trajectories(tiny, tmp_path)
 
 
 # ============================================================================================ the benchmark's helpers
-def _benchmark_module():
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "tm_vs_mdm.py"
-    spec = importlib.util.spec_from_file_location("tm_vs_mdm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_time_to_95_percent_and_lors_presets():
-    bench = _benchmark_module()
+    bench = load_benchmark("tm_vs_mdm")
     records = [{"step": 25, "seconds": 10.0, "mean": 4.0}, {"step": 50, "seconds": 20.0, "mean": 9.6},
                {"step": 75, "seconds": 30.0, "mean": 10.0}, {"step": 100, "seconds": 40.0, "mean": 9.0}]  # fmt: skip
     got = bench.time_to_fraction(records)
@@ -556,7 +547,7 @@ def test_benchmark_time_to_95_percent_and_lors_presets():
 
 
 def test_benchmark_time_to_beat_the_strongest_baseline():
-    bench = _benchmark_module()
+    bench = load_benchmark("tm_vs_mdm")
 
     def run(*points):
         records = [{"step": st, "seconds": sec, "mean": m} for st, sec, m in points]
@@ -583,7 +574,7 @@ def test_benchmark_time_to_beat_the_strongest_baseline():
 def test_benchmark_runs_the_library_preset_fitted_to_its_buffer():
     from types import SimpleNamespace
 
-    bench = _benchmark_module()
+    bench = load_benchmark("tm_vs_mdm")
     args = SimpleNamespace(mdm_teacher_mode="fresh", mdm_steps=5, eval_steps=0, tag="", tm_faithful=False,
                            tm_unroll="full", tm_steps=7, tm_override={"lr_sim": 1.0}, mdm_override=None,
                            tm_presets=["lors", "repblend"], mdm_eval_steps=None, methods=["mdm", "tm", "repblend"])  # fmt: skip
@@ -617,7 +608,7 @@ def test_benchmark_runs_the_library_preset_fitted_to_its_buffer():
 
 
 def test_benchmark_ratios_and_partial_results_render(tmp_path):
-    bench = _benchmark_module()
+    bench = load_benchmark("tm_vs_mdm")
     cost = {
         "tm": {"seconds_per_iteration": 4.0, "autograd_saved_peak_mb": 220.0, "loop_rss_above_setup_mb": 400.0,
                "setup_seconds": 4.0},
@@ -690,7 +681,7 @@ def test_command_line_records_a_buffer_and_distils_from_it(capsys, tiny_clip_dir
 
 
 def test_benchmark_resume_refuses_other_arguments_and_missing_sets(tmp_path):
-    bench = _benchmark_module()
+    bench = load_benchmark("tm_vs_mdm")
 
     def parsed(*extra):
         args = bench._parser().parse_args(["--results_dir", str(tmp_path), "--tag", "t", *extra])
