@@ -623,8 +623,8 @@ def measure_students(args, demo, paths: dict, work: Path, results: dict, write) 
 
 
 # arguments that change no recorded number: a resumed run may set them differently (--budgets: any subset, each
-# budget's entries are independent; --no_full: whether the full-data row is added)
-RESUME_FREE = {"resume", "jobs", "threads", "results_dir", "replot", "budgets", "no_full"}
+# budget's entries are independent; --no_full, --coresets: which baseline rows the student tables get)
+RESUME_FREE = {"resume", "jobs", "threads", "results_dir", "replot", "budgets", "no_full", "coresets"}
 
 
 def resume(args, argv, work: Path) -> dict:
