@@ -43,7 +43,10 @@ def test_yaml_then_cli_overrides(tmp_path):
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes/configs").glob("*_mdm_*.yaml")))
 def test_shipped_distill_configs_parse(config):
     cfg = parse_dataclass_args(MDMConfig, ["--config", str(config)])
-    assert cfg.num_pairs > 0 and cfg.expert_bank
+    # contrastive (CLIP / SigLIP) anchors: the anchor alone is the teacher, as the ablations measured (README)
+    assert cfg.num_pairs > 0 and cfg.expert_bank is None
+    with_bank = parse_dataclass_args(MDMConfig, ["--config", str(config), "--expert_bank", "out/experts"])
+    assert with_bank.expert_bank == "out/experts"
 
 
 def test_import_needs_no_network():
