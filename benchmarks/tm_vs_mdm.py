@@ -730,7 +730,7 @@ def _write(args, results: dict, quick: bool, argv, started: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = ("tm_vs_mdm_quick" if quick else "tm_vs_mdm") + args.tag
     # committed results name no machine's paths: the repository's are relative, the EmojiCaps cache's under ~
-    text = json.dumps(results, indent=2, default=str).replace(f"{RESULTS.parents[1]}/", "")
+    text = json.dumps(results, indent=2, default=str).replace(f"{RESULTS.resolve().parents[1]}/", "")
     text = text.replace(str(Path.home()), "~")
     (out / f"{name}.json").write_text(text)
     (out / f"{name}.md").write_text(render_markdown(results))
