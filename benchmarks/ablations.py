@@ -46,7 +46,7 @@ from mdm_hf.config import MDMConfig
 from mdm_hf.data import cached_text_features, load_split, preprocess_split_images
 from mdm_hf.demo import DemoConfig, student_config, train_experts
 from mdm_hf.distill import MDMDistiller
-from mdm_hf.losses import MDMLoss
+from mdm_hf.losses import agreement_discrepancy, clip_contrastive_loss, geodesic_kernel_energy
 from mdm_hf.models import DualEncoder
 from mdm_hf.students import StudentEvaluator
 
@@ -237,9 +237,10 @@ def gradient_diagnostics(regime: Regime, steps: int, seed: int = 0) -> dict:
     """How hard each weighted loss term pulls on the synthetic embeddings (docs/method.md §3), at the start (K real
     pairs stand in for the joint-k-means init) and after a default distillation of ``steps`` iterations; 512 real
     pairs are the real batch, the anchor is the teacher. Per term: its unweighted value, the norm of its weighted
-    gradient with respect to the K synthetic (image, text) embeddings, and that gradient's cosine with InfoNCE's.
-    The embedding gradient is what the encoders back-propagate to pixels and text features, so the norms compare
-    the terms' grip."""
+    gradient with respect to the K synthetic (image, text) embeddings, and that gradient's cosine with InfoNCE's;
+    the geodesic terms also as the reference code's U-statistic (``geodesic_kernel_energy(unbiased=True)``). The
+    embedding gradient is what the encoders back-propagate to pixels and text features, so the norms compare the
+    terms' grip."""
     distilled = regime.distill({}, seed, steps)[0]
     config, teacher, gen = regime.base_config(seed), regime.teacher(), torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -252,22 +253,34 @@ def gradient_diagnostics(regime: Regime, steps: int, seed: int = 0) -> dict:
                   f"after {steps} iterations (default row, seed {seed})": (
                       teacher.image_embeds(distilled.pixel_values.float()),
                       teacher.project_text(distilled.text_features.float()))}  # fmt: skip
-    real = order[K : K + 512]
-    terms = {"InfoNCE": ("lambda_contrastive", "contrastive"), "agreement": ("lambda_agreement", "agreement"),
-             "discrepancy": ("lambda_discrepancy", "discrepancy")}  # fmt: skip
-    loss_fn = MDMLoss(lambda_contrastive=1.0, lambda_agreement=1.0, lambda_discrepancy=1.0, sigma=config.sigma,
-                      temperature=config.temperature)  # fmt: skip
+    real_v, real_t = zv[order[K : K + 512]], zt[order[K : K + 512]]
+    real_u, real_g = agreement_discrepancy(real_v, real_t)
+
+    def geodesic(
+        index: int, unbiased: bool
+    ):  # the reference code's U-statistic next to this package's default
+        return lambda sv, st: geodesic_kernel_energy(
+            (real_u, real_g)[index], agreement_discrepancy(sv, st)[index], config.sigma, unbiased=unbiased
+        )
+
+    terms = {  # name -> (weight, unweighted term of the synthetic embeddings)
+        "InfoNCE": (
+            config.lambda_contrastive,
+            lambda sv, st: clip_contrastive_loss(sv, st, 1 / config.temperature),
+        ),
+        "agreement": (config.lambda_agreement, geodesic(0, False)),
+        "discrepancy": (config.lambda_discrepancy, geodesic(1, False)),
+        "agreement, U-statistic": (config.lambda_agreement, geodesic(0, True)),
+        "discrepancy, U-statistic": (config.lambda_discrepancy, geodesic(1, True)),
+    }
     out = {}
     for state, (syn_v, syn_t) in states.items():
         grads, values = {}, {}
-        for term, (weight, field) in terms.items():
+        for term, (weight, fn) in terms.items():
             sv, st = syn_v.clone().requires_grad_(True), syn_t.clone().requires_grad_(True)
-            value = getattr(loss_fn(zv[real], zt[real], sv, st), field)
-            (getattr(config, weight) * value).backward()
-            grads[term], values[term] = (
-                torch.cat([sv.grad.flatten(), st.grad.flatten()]),
-                float(value.detach()),
-            )
+            value = fn(sv, st)
+            grads[term] = torch.cat([g.flatten() for g in torch.autograd.grad(weight * value, [sv, st])])
+            values[term] = float(value.detach())
         out[state] = {term: {"value": values[term], "grad_norm": float(g.norm()),
                              "cosine_with_InfoNCE": float(F.cosine_similarity(g, grads["InfoNCE"], dim=0))}
                       for term, g in grads.items()}  # fmt: skip
@@ -372,6 +385,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--time_one", action="store_true", help="one default run, timed; no result files")
     parser.add_argument(
+        "--diagnostics_only",
+        action="store_true",
+        help="recompute the diagnostics of a recorded run (one extra default distillation); run no row",
+    )
+    parser.add_argument(
         "--report_only",
         action="store_true",
         help="re-render the result files from the recorded runs; run nothing",
@@ -422,7 +440,15 @@ def main(argv=None) -> int:
                         "gradients": gradient_diagnostics(regime, args.steps)},
     }  # fmt: skip
     print(json.dumps(result["diagnostics"], indent=1), flush=True)
+    if args.diagnostics_only:  # the recorded run's result, its diagnostics replaced
+        recorded = _json(RESULTS / f"ablations-{args.regime}.json") or {}
+        recorded.update(diagnostics=result["diagnostics"], diagnostics_command=result.pop("command"))
+        result = recorded
     result.update(rows=summarise(runs), runs=runs)
+    if args.diagnostics_only:
+        _json(RESULTS / f"ablations-{args.regime}.json", result)
+        (RESULTS / f"ablations-{args.regime}.md").write_text(render(result))
+        return 0
     done = {(r["row"], r["distill_seed"]) for r in runs}
     # Priority (issue 17): the teacher level against the default first, the coreset, then loss, init; seed-major
     # inside a group, so a run cut short leaves every row of a group with the same seeds (paired differences).

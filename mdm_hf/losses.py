@@ -84,26 +84,42 @@ def geodesic_kernel(a: torch.Tensor, b: torch.Tensor, sigma: float = 0.5, eps: f
 
 
 def geodesic_kernel_energy(
-    a: torch.Tensor, b: torch.Tensor, sigma: float = 0.5, eps: float = 1e-6
+    a: torch.Tensor, b: torch.Tensor, sigma: float = 0.5, eps: float = 1e-6, unbiased: bool = False
 ) -> torch.Tensor:
     """Geodesic kernel energy between point sets ``a`` [m, d] and ``b`` [n, d] (rows normalised inside); a scalar.
 
     ``GKE = sqrt(mean k(A, A) + mean k(B, B) − 2 mean k(A, B) + 1e-12)`` (docs/method.md §3).
 
-    The within-set means run over all ``m²`` / ``n²`` pairs, **including the diagonal** (the V-statistic; the
-    reference code uses off-diagonal means). With the diagonal, ``GKE(A, A) = 0`` exactly up to the ``1e-12``,
-    and the clamp in :func:`geodesic_distance` keeps the diagonal's gradient finite (``k(c)`` is smooth in the
-    cosine at ``c = 1``, so the clamp changes values by ~``eps / σ²`` only).
+    By default the within-set means run over all ``m²`` / ``n²`` pairs, **including the diagonal** (the
+    V-statistic). With the diagonal, ``GKE(A, A) = 0`` exactly up to the ``1e-12``, and the clamp in
+    :func:`geodesic_distance` keeps the diagonal's gradient finite (``k(c)`` is smooth in the cosine at ``c = 1``,
+    so the clamp changes values by ~``eps / σ²`` only). The diagonal adds about ``1/m + 1/n`` to the squared
+    energy of two samples of one distribution, a floor that damps the gradient of the root.
+    ``unbiased=True`` takes off-diagonal means (the U-statistic, as the reference code): no floor, so the root's
+    gradient is larger near a match, and the squared energy of matching sets goes below zero, where the clamp
+    makes the gradient zero (``m, n ≥ 2``).
 
     The geodesic Gaussian kernel is not positive definite on the sphere for every σ (Feragen et al., CVPR 2015),
     so the squared energy can dip below zero; it is clamped at 0 before the root (``+ 1e-12`` keeps the root's
     gradient finite at 0).
     """
     _check_pair(a, b, "geodesic_kernel_energy")
-    k_aa = geodesic_kernel(a, a, sigma, eps).mean()
-    k_bb = geodesic_kernel(b, b, sigma, eps).mean()
+    if unbiased and min(len(a), len(b)) < 2:
+        raise ValueError(
+            f"geodesic_kernel_energy(unbiased=True) needs ≥ 2 points per set, got {len(a)} and {len(b)}."
+        )
+    k_aa = _within_set_mean(geodesic_kernel(a, a, sigma, eps), unbiased)
+    k_bb = _within_set_mean(geodesic_kernel(b, b, sigma, eps), unbiased)
     k_ab = geodesic_kernel(a, b, sigma, eps).mean()
     return torch.sqrt((k_aa + k_bb - 2.0 * k_ab).clamp_min(0.0) + 1e-12)
+
+
+def _within_set_mean(kernel: torch.Tensor, off_diagonal: bool) -> torch.Tensor:
+    """Mean of a square kernel matrix, over all entries or over the off-diagonal ones."""
+    if not off_diagonal:
+        return kernel.mean()
+    n = kernel.shape[0]
+    return (kernel.sum() - kernel.diagonal().sum()) / (n * (n - 1))
 
 
 def agreement_discrepancy(

@@ -31,16 +31,26 @@ def _cos(u: list[float], v: list[float]) -> float:
     return sum(a * b for a, b in zip(_unit(u), _unit(v)))
 
 
-def _gke_loop(a: torch.Tensor, b: torch.Tensor, sigma: float, eps: float = 1e-6) -> float:
-    """Full (diagonal-including) means, acos of the clamped cosine, all in Python floats."""
+def _gke_loop(
+    a: torch.Tensor, b: torch.Tensor, sigma: float, eps: float = 1e-6, unbiased: bool = False
+) -> float:
+    """Full (diagonal-including) or off-diagonal within-set means, acos of the clamped cosine, in Python floats."""
 
     def k(u, v):
         phi = math.acos(min(max(_cos(u, v), -1 + eps), 1 - eps))
         return math.exp(-(phi**2) / (2 * sigma**2))
 
     A, B = _rows(a), _rows(b)
-    kaa = sum(k(x, y) for x in A for y in A) / len(A) ** 2
-    kbb = sum(k(x, y) for x in B for y in B) / len(B) ** 2
+    if unbiased:  # off-diagonal means: pairs of distinct rows
+        kaa = sum(k(x, y) for i, x in enumerate(A) for j, y in enumerate(A) if i != j) / (
+            len(A) * (len(A) - 1)
+        )
+        kbb = sum(k(x, y) for i, x in enumerate(B) for j, y in enumerate(B) if i != j) / (
+            len(B) * (len(B) - 1)
+        )
+    else:
+        kaa = sum(k(x, y) for x in A for y in A) / len(A) ** 2
+        kbb = sum(k(x, y) for x in B for y in B) / len(B) ** 2
     kab = sum(k(x, y) for x in A for y in B) / (len(A) * len(B))
     return math.sqrt(max(kaa + kbb - 2 * kab, 0.0) + 1e-12)
 
@@ -84,6 +94,22 @@ def test_gke_matches_brute_force_loop(m, n, d, sigma):
     assert geodesic_kernel_energy(b, a, sigma).item() == pytest.approx(value.item(), rel=1e-12)
     scaled = a * torch.rand(m, 1, generator=g, dtype=torch.float64).add(0.1)
     assert geodesic_kernel_energy(scaled, b, sigma).item() == pytest.approx(value.item(), rel=1e-9)
+
+
+def test_unbiased_gke_matches_off_diagonal_loop_and_has_no_floor():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(9, 4, generator=g, dtype=torch.float64) + 0.5
+    value = geodesic_kernel_energy(a, b, sigma=0.8, unbiased=True)
+    assert value.item() == pytest.approx(_gke_loop(a, b, 0.8, unbiased=True), rel=1e-9)
+    assert value.item() != pytest.approx(geodesic_kernel_energy(a, b, sigma=0.8).item(), rel=1e-3)
+    # two samples of one distribution: the V-statistic keeps a floor of about sqrt(1/m + 1/n), the U-statistic
+    # does not (its square may even go below zero, where the clamp gives 0)
+    x = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    v, u = geodesic_kernel_energy(x[:200], x[200:]), geodesic_kernel_energy(x[:200], x[200:], unbiased=True)
+    assert v.item() > 0.09 and u.item() < 0.5 * v.item()
+    with pytest.raises(ValueError, match="≥ 2 points per set"):
+        geodesic_kernel_energy(a[:1], b, unbiased=True)
 
 
 def test_gke_of_a_set_with_itself_is_zero_with_finite_gradients():
