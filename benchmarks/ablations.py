@@ -140,6 +140,12 @@ class Regime:
         """A pristine anchor (a distiller installs merged tensors into its teacher in place)."""
         return DualEncoder.from_pretrained(str(self.anchor))
 
+    @torch.no_grad()
+    def embed_pairs(self, teacher: DualEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_v, z_t)`` of every real (image, caption) pair of the train split under ``teacher``."""
+        zv = torch.cat([teacher.image_embeds(p) for p in self.pixels.split(256)])
+        return zv[self.train.caption_to_image], teacher.project_text(self.text_features)
+
     def base_config(self, seed: int, **overrides) -> MDMConfig:
         values = dict(
             model_name_or_path=str(self.anchor), dataset_name=str(self.data), num_pairs=K, teacher_mode="pooled",
@@ -213,9 +219,7 @@ def spread_diagnostics(regime: Regime, sigma: float) -> dict:
         if name != "anchor":
             draws = regime.bank.sample(torch.Generator().manual_seed(0), 2)
             regime.bank.install(teacher.model, regime.bank.merged_state(draws, 0.5)[0])
-        zv = torch.cat([teacher.image_embeds(p) for p in regime.pixels.split(256)])
-        zv = zv[regime.train.caption_to_image]
-        zt = teacher.project_text(regime.text_features)
+        zv, zt = regime.embed_pairs(teacher)
         entry = {"image-text cosine (matched pairs), mean": float((zv * zt).sum(-1).mean())}
         for label, d in (
             ("agreement u", F.normalize(zv + zt, dim=-1)),
@@ -244,10 +248,7 @@ def gradient_diagnostics(regime: Regime, steps: int, seed: int = 0) -> dict:
     distilled = regime.distill({}, seed, steps)[0]
     config, teacher, gen = regime.base_config(seed), regime.teacher(), torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        zv = torch.cat([teacher.image_embeds(p) for p in regime.pixels.split(256)])[
-            regime.train.caption_to_image
-        ]
-        zt = teacher.project_text(regime.text_features)
+        zv, zt = regime.embed_pairs(teacher)
         order = torch.randperm(len(zt), generator=gen)
         states = {"start (K real pairs)": (zv[order[:K]], zt[order[:K]]),
                   f"after {steps} iterations (default row, seed {seed})": (
@@ -401,6 +402,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     clip_dir, work = Path(args.clip_dir), Path(args.work_dir) / args.regime
+    if (args.report_only or args.diagnostics_only) and not (
+        RESULTS / f"ablations-{args.regime}.json"
+    ).exists():
+        raise SystemExit(
+            f"No recorded ablations-{args.regime}.json to re-render; run --regime {args.regime} first."
+        )
     if args.report_only:
         result, runs = _json(RESULTS / f"ablations-{args.regime}.json"), _json(work / "runs.json") or []
         result.update(rows=summarise(runs), runs=runs)
@@ -425,7 +432,13 @@ def main(argv=None) -> int:
         return 0
     runs_path = work / "runs.json"
     runs = _json(runs_path) or []
+    recorded = _json(RESULTS / f"ablations-{args.regime}.json") or {}
     sigma = MDMConfig.__dataclass_fields__["sigma"].default
+    # the diagnostics cost a distillation: a continued run keeps the recorded ones (--diagnostics_only renews them)
+    diagnostics = recorded.get("diagnostics", {})
+    if args.diagnostics_only or "gradients" not in diagnostics:
+        diagnostics = {"sigma": sigma, "merge": merge_diagnostics(regime), "spread": spread_diagnostics(regime, sigma),
+                       "gradients": gradient_diagnostics(regime, args.steps)}  # fmt: skip
     result = {
         "command": "python benchmarks/ablations.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "regime": args.regime,
@@ -436,13 +449,11 @@ def main(argv=None) -> int:
                      "validation; std = sample std over all runs of a row."),
         "config": {"steps": args.steps, "sizes": asdict(SIZES)},
         "setup_seconds": setup,
-        "diagnostics": {"sigma": sigma, "merge": merge_diagnostics(regime), "spread": spread_diagnostics(regime, sigma),
-                        "gradients": gradient_diagnostics(regime, args.steps)},
+        "diagnostics": diagnostics,
     }  # fmt: skip
-    print(json.dumps(result["diagnostics"], indent=1), flush=True)
+    print(json.dumps(diagnostics, indent=1), flush=True)
     if args.diagnostics_only:  # the recorded run's result, its diagnostics replaced
-        recorded = _json(RESULTS / f"ablations-{args.regime}.json") or {}
-        recorded.update(diagnostics=result["diagnostics"], diagnostics_command=result.pop("command"))
+        recorded.update(diagnostics=diagnostics, diagnostics_command=result.pop("command"))
         result = recorded
     result.update(rows=summarise(runs), runs=runs)
     if args.diagnostics_only:

@@ -630,8 +630,7 @@ RESUME_FREE = {"resume", "jobs", "threads", "results_dir", "replot", "budgets", 
 def resume(args, argv, work: Path) -> dict:
     """The recorded results of the run this command continues (``--resume``); refused, naming the differences, if
     the recorded run had other result-changing arguments, or a recorded distillation's set is gone."""
-    name = ("tm_vs_mdm_quick" if args.quick else "tm_vs_mdm") + args.tag
-    recorded = Path(args.results_dir) / f"{name}.json"
+    recorded = Path(args.results_dir) / f"{_results_name(args)}.json"
     if not recorded.exists():
         raise SystemExit(
             f"--resume: no recorded run at {recorded}; run the same command without --resume first."
@@ -650,7 +649,13 @@ def resume(args, argv, work: Path) -> dict:
                                  "is gone; rerun without --resume (or under a new --tag).")  # fmt: skip
     resumed = "python benchmarks/tm_vs_mdm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     results.setdefault("resumed_by", []).append(resumed)
+    results.setdefault("resumed_seconds", []).append(None)  # set by every write of this continuation
     return results
+
+
+def _results_name(args) -> str:
+    """The stem of the run's files in ``--results_dir``."""
+    return ("tm_vs_mdm_quick" if args.quick else "tm_vs_mdm") + args.tag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -676,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     def write() -> None:
-        _write(args, results, args.quick, argv, started)
+        _write(args, results, argv, started)
 
     paths = prepare(args, demo, work)
     print(
@@ -714,21 +719,19 @@ def _environment() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
 
 
-def _write(args, results: dict, quick: bool, argv, started: float) -> None:
+def _write(args, results: dict, argv, started: float) -> None:
     if not args.resume:  # a continuation keeps the run's command and arguments; its own is in "resumed_by"
         argv = argv if argv is not None else sys.argv[1:]
         results["command"] = "python benchmarks/tm_vs_mdm.py " + shlex.join(argv)
         results["arguments"] = vars(args)
     results["machine"] = {**_environment(), "threads": args.threads}
-    if args.resume:  # the seconds of each continuation, after the first run's
-        results["resumed_seconds"] = results.get("resumed_seconds", [])[: len(results["resumed_by"]) - 1] + [
-            time.perf_counter() - started
-        ]
+    if args.resume:  # the seconds of this continuation, after the first run's
+        results["resumed_seconds"][-1] = time.perf_counter() - started
     else:
         results["total_seconds"] = time.perf_counter() - started
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = ("tm_vs_mdm_quick" if quick else "tm_vs_mdm") + args.tag
+    name = _results_name(args)
     # committed results name no machine's paths: the repository's are relative, the EmojiCaps cache's under ~
     text = json.dumps(results, indent=2, default=str).replace(f"{RESULTS.resolve().parents[1]}/", "")
     text = text.replace(str(Path.home()), "~")

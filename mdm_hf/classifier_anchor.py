@@ -139,7 +139,8 @@ def pretrain_classifier_anchor(config: ClassifierAnchorConfig, accelerator=None)
         raise ValueError(
             f"Column '{config.label_column}' has {len(classes)} class; a classifier needs at least 2."
         )
-    labels = torch.tensor([classes.index(n) for n in names], dtype=torch.long)
+    class_id = {name: i for i, name in enumerate(classes)}
+    labels = torch.tensor([class_id[n] for n in names], dtype=torch.long)
     pixels = preprocess_split_images(encoder, train)
     augment = None
     if config.grayscale_p > 0 or config.blur_p > 0:

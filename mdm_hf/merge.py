@@ -110,6 +110,21 @@ def _inner(x: Delta | None, y: Delta | None) -> torch.Tensor | None:
     return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
+def _mean_pair_cosine(offsets: list[Delta | None], w0: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine of ``k ≥ 2`` offsets of one tensor (each pair's cosine clamped to [-1, 1] against
+    rounding), a 0-d tensor in ``w0``'s compute dtype. A zero offset has no direction: its pairs count as
+    orthogonal (cos 0)."""
+    dtype = torch.float64 if w0.dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=dtype, device=w0.device)
+    norms = [zero if d is None else _inner(d, d).clamp_min(0).sqrt() for d in offsets]
+    pair_cos = []
+    for i, j in itertools.combinations(range(len(offsets)), 2):
+        dot, denom = _inner(offsets[i], offsets[j]), norms[i] * norms[j]
+        safe = None if dot is None else dot / denom.clamp_min(torch.finfo(dtype).tiny)
+        pair_cos.append(zero if dot is None else torch.where(denom > 0, safe, zero))
+    return torch.stack(pair_cos).clamp(-1.0, 1.0).mean()
+
+
 def _stock_one(
     w0: torch.Tensor, offsets: list[Delta | None], alpha: float, method: str = "model_stock"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,15 +132,7 @@ def _stock_one(
     ``method="mean"`` takes ``t = 1``."""
     k = len(offsets)
     dtype = torch.float64 if w0.dtype == torch.float64 else torch.float32
-    zero = torch.zeros((), dtype=dtype, device=w0.device)
-    norms = [zero if d is None else _inner(d, d).clamp_min(0).sqrt() for d in offsets]
-    pair_cos = []
-    for i, j in itertools.combinations(range(k), 2):
-        dot, denom = _inner(offsets[i], offsets[j]), norms[i] * norms[j]
-        # A zero offset has no direction: its pairs count as orthogonal (cos 0).
-        safe = None if dot is None else dot / denom.clamp_min(torch.finfo(dtype).tiny)
-        pair_cos.append(zero if dot is None else torch.where(denom > 0, safe, zero))
-    cos = torch.stack(pair_cos).clamp(-1.0, 1.0).mean()
+    cos = _mean_pair_cosine(offsets, w0)
     t = (
         model_stock_ratio(cos, k)
         if method == "model_stock"
@@ -370,22 +377,14 @@ class ExpertBank:
         return {k: merged.get(k, v) for k, v in self._anchor.items()}, ratios
 
     def offset_cosines(self, draws: Sequence[tuple[int, int]]) -> dict[str, float]:
-        """Per touched tensor, the mean pairwise cosine of the drawn checkpoints' offsets before any clamp (the
-        ``cos`` of the module docstring; a zero offset counts as orthogonal): why Model Stock's ``t`` is what it
-        is. A diagnostic: :meth:`merged_state` reports ``t`` itself."""
+        """Per touched tensor, the mean pairwise cosine of the drawn checkpoints' offsets before Model Stock's
+        ``[0, 1]`` clamp (the ``cos`` of the module docstring; a zero offset counts as orthogonal): why ``t`` is
+        what it is. A diagnostic: :meth:`merged_state` reports ``t`` itself."""
         chosen = [self._experts[i][e - 1] for i, e in draws]
-        out = {}
-        for key, w0 in self._anchor.items():
-            offsets = [None if key not in d else _cast(d[key], w0) for d in chosen]
-            norms = [None if d is None else float(_inner(d, d)) ** 0.5 for d in offsets]
-            cos = [
-                float(_inner(offsets[i], offsets[j])) / (norms[i] * norms[j])
-                if norms[i] and norms[j]
-                else 0.0
-                for i, j in itertools.combinations(range(len(offsets)), 2)
-            ]
-            out[key] = sum(cos) / len(cos) if cos else 0.0
-        return out
+        return {
+            key: float(_mean_pair_cosine([None if key not in d else _cast(d[key], w0) for d in chosen], w0))
+            for key, w0 in self._anchor.items()
+        }
 
     def install(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         """Copy ``state`` into ``model``'s existing parameters in place (same storage; only the given keys)."""
